@@ -1,0 +1,144 @@
+//! The crate's error type: every variant names the file, key, shape or setting at fault.
+
+use std::path::PathBuf;
+
+/// Errors returned by `candle_zoo`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A checkpoint lacks a tensor the model needs.
+    #[error("missing key `{key}` in the checkpoint{}", hint_suffix(hint))]
+    MissingKey { key: String, hint: String },
+
+    /// A checkpoint tensor has another shape than the model expects.
+    #[error("key `{key}`: the model expects shape {expected:?} but the checkpoint has {actual:?}")]
+    ShapeMismatch {
+        key: String,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
+
+    /// No known AlexNet key layout was found in a checkpoint.
+    #[error(
+        "not an AlexNet checkpoint: expected `features.0.weight` (torchvision layout) or \
+         `conv1.weight` (Caffe layout); found keys {found}"
+    )]
+    UnknownLayout { found: String },
+
+    /// A model configuration that cannot be built.
+    #[error("invalid AlexNet config: {0}")]
+    Config(String),
+
+    /// An input tensor the model cannot take.
+    #[error("input of shape {shape:?}: {reason}")]
+    Input { shape: Vec<usize>, reason: String },
+
+    /// A weights file that cannot be read or parsed.
+    #[error("{}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+
+    /// A file that could not be decoded as an image.
+    #[error("{}: not a readable image: {reason}", path.display())]
+    Image { path: PathBuf, reason: String },
+
+    /// An image too small to be classified meaningfully.
+    #[error("{}: image is {width}x{height}, smaller than the minimum side of {min} px", path.display())]
+    ImageTooSmall {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        min: u32,
+    },
+
+    /// The hub could not be reached or refused the file.
+    #[error(
+        "could not fetch `{file}` from hub repo `{repo}` (revision `{revision}`) at {endpoint}: {reason}\n\
+         hint: a machine without network can use a warm cache (set HF_HUB_OFFLINE=1, HF_HOME or \
+         HF_HUB_CACHE), point HF_ENDPOINT at a mirror, or pass a local file with --weights"
+    )]
+    Hub {
+        repo: String,
+        file: String,
+        revision: String,
+        endpoint: String,
+        reason: String,
+    },
+
+    /// Offline mode was requested and the file is not in the cache.
+    #[error(
+        "`{file}` from hub repo `{repo}` (revision `{revision}`) is not in the cache at {} \
+         and offline mode (HF_HUB_OFFLINE) forbids downloading it",
+        cache.display()
+    )]
+    NotInCache {
+        repo: String,
+        file: String,
+        revision: String,
+        cache: PathBuf,
+    },
+
+    /// A downloaded or local file does not have the expected SHA-256.
+    #[error(
+        "{}: checksum mismatch: expected sha256 {expected}, got {actual}; the file is corrupt or \
+         not the one the registry names (delete it to download it again)",
+        path.display()
+    )]
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+
+    /// A registry name that is not known.
+    #[error("unknown pretrained model `{name}`; known: {known}")]
+    UnknownModel { name: String, known: String },
+
+    /// An I/O error on a named file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// An error raised inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+fn hint_suffix(hint: &str) -> String {
+    if hint.is_empty() {
+        String::new()
+    } else {
+        format!(" ({hint})")
+    }
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, reason: impl ToString) -> Self {
+        Self::Checkpoint {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// Lets `?` carry crate errors through candle's `Module::forward`, keeping candle's own errors as
+/// they are.
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(e) => e,
+            other => candle_core::Error::Wrapped(Box::new(other)),
+        }
+    }
+}
+
+/// `Result` with the crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

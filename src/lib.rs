@@ -1,0 +1,37 @@
+//! Pretrained vision models on [candle](https://github.com/huggingface/candle), starting with
+//! AlexNet in both of its published layouts.
+//!
+//! - [`alexnet`]: the model ([`AlexNet`]), its [`Config`] and [`Layout`]s, and the [`Layer`]
+//!   taps for intermediate features;
+//! - [`layers`]: LRN and adaptive average pooling, which candle lacks;
+//! - [`weights`]: local checkpoints (safetensors, PyTorch `.pth`) and the registry of known
+//!   pretrained files; [`hub`]: downloads from the Hugging Face hub;
+//! - [`preprocess`]: image loading and the torchvision and Caffe input pipelines;
+//! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection.
+//!
+//! ```no_run
+//! use candle_core::Device;
+//! use candle_nn::Module;
+//! use candle_zoo::{imagenet, weights::Pretrained};
+//!
+//! let device = Device::Cpu;
+//! let (model, preprocess) = Pretrained::default().load(&device)?;
+//! let image = preprocess.load_batch(&["assets/chelsea.png"], &device)?;
+//! let probs = candle_nn::ops::softmax(&model.forward(&image)?, 1)?;
+//! for (class, p) in imagenet::top_k(&probs.get(0)?, 5)? {
+//!     println!("{p:.3} {}", imagenet::CLASSES[class]);
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod alexnet;
+pub mod device;
+mod error;
+pub mod hub;
+pub mod imagenet;
+pub mod layers;
+pub mod preprocess;
+pub mod weights;
+
+pub use alexnet::{AlexNet, Config, Layer, Layout};
+pub use error::{Error, Result};

@@ -1,0 +1,264 @@
+//! Image loading and the input pipelines the pretrained weights expect.
+//!
+//! | preset | resize | crop | scale | channel order | mean | std |
+//! |---|---|---|---|---|---|---|
+//! | [`Preprocess::torchvision`] | shorter side to 256, bilinear | centre 224 | /255 | RGB | 0.485, 0.456, 0.406 | 0.229, 0.224, 0.225 |
+//! | [`Preprocess::caffe`] | 256x256, bilinear | centre 227 | 0..255 | BGR | 104.007, 116.669, 122.679 | 1 |
+//!
+//! ```no_run
+//! use candle_zoo::preprocess::Preprocess;
+//! let x = Preprocess::torchvision().load("assets/chelsea.png", &candle_core::Device::Cpu)?;
+//! assert_eq!(x.dims(), &[3, 224, 224]);
+//! # Ok::<(), candle_zoo::Error>(())
+//! ```
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::{Device, Tensor};
+use image::imageops::FilterType;
+use image::RgbImage;
+
+use crate::alexnet::Layout;
+use crate::error::{Error, Result};
+
+/// How an image is resized before the centre crop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// Scale so that the shorter side has this length, keeping the aspect ratio (torchvision's
+    /// `Resize(int)`).
+    ShorterSide(u32),
+    /// Warp to exactly `(width, height)` (how Caffe's ImageNet LMDBs were made).
+    Exact(u32, u32),
+}
+
+/// An image-to-tensor pipeline: resize, centre crop, scale, channel order, normalisation.
+///
+/// `mean` and `std` are given in the output channel order (BGR when `bgr` is set) and in the
+/// units after `scale`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Preprocess {
+    pub resize: Resize,
+    pub crop: u32,
+    pub scale: f32,
+    pub bgr: bool,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    /// Images whose shorter side is below this many pixels are refused rather than upscaled:
+    /// they hold too little to classify.
+    pub min_side: u32,
+}
+
+/// The named presets, for command lines and checkpoint metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    TorchVision,
+    Caffe,
+}
+
+impl Preset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::TorchVision => "torchvision",
+            Preset::Caffe => "caffe",
+        }
+    }
+
+    pub fn for_layout(layout: Layout) -> Self {
+        if layout.is_caffe() {
+            Preset::Caffe
+        } else {
+            Preset::TorchVision
+        }
+    }
+
+    pub fn pipeline(self) -> Preprocess {
+        match self {
+            Preset::TorchVision => Preprocess::torchvision(),
+            Preset::Caffe => Preprocess::caffe(),
+        }
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Preset {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "torchvision" | "tv" | "pytorch" => Ok(Preset::TorchVision),
+            "caffe" | "bgr" => Ok(Preset::Caffe),
+            _ => Err(Error::Config(format!(
+                "unknown preprocessing preset `{s}`; expected torchvision or caffe"
+            ))),
+        }
+    }
+}
+
+impl Preprocess {
+    /// torchvision's `IMAGENET1K_V1` transforms: `Resize(256)`, `CenterCrop(224)`, `ToTensor()`,
+    /// `Normalize(mean, std)`.
+    pub fn torchvision() -> Self {
+        Self {
+            resize: Resize::ShorterSide(256),
+            crop: 224,
+            scale: 1.0 / 255.0,
+            bgr: false,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            min_side: 16,
+        }
+    }
+
+    /// BVLC AlexNet and CaffeNet: 256x256 warp, centre 227 crop, BGR, 0..255, minus the
+    /// per-channel mean of `ilsvrc_2012_mean.binaryproto` (B 104.007, G 116.669, R 122.679).
+    pub fn caffe() -> Self {
+        Self {
+            resize: Resize::Exact(256, 256),
+            crop: 227,
+            scale: 1.0,
+            bgr: true,
+            mean: [104.00699, 116.66877, 122.67891],
+            std: [1.0; 3],
+            min_side: 16,
+        }
+    }
+
+    /// The preset matching a layout's pretrained weights.
+    pub fn for_layout(layout: Layout) -> Self {
+        Preset::for_layout(layout).pipeline()
+    }
+
+    /// Decodes an image file (any supported format, whatever its extension) as RGB.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<RgbImage> {
+        let path = path.as_ref();
+        let image_err = |reason: String| Error::Image {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let reader = image::ImageReader::open(path)
+            .map_err(|e| Error::io(path, e))?
+            .with_guessed_format()
+            .map_err(|e| Error::io(path, e))?;
+        if reader.format().is_none() {
+            return Err(image_err("unrecognised file format".into()));
+        }
+        let image = reader.decode().map_err(|e| image_err(e.to_string()))?;
+        let (width, height) = (image.width(), image.height());
+        if width.min(height) < self.min_side {
+            return Err(Error::ImageTooSmall {
+                path: path.to_path_buf(),
+                width,
+                height,
+                min: self.min_side,
+            });
+        }
+        Ok(image.to_rgb8())
+    }
+
+    /// Resizes and crops a decoded image to the `crop x crop` RGB image the model sees.
+    pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage> {
+        let (w, h) = image.dimensions();
+        let (nw, nh) = match self.resize {
+            Resize::ShorterSide(s) if w <= h => (s, (s as u64 * h as u64 / w as u64) as u32),
+            Resize::ShorterSide(s) => ((s as u64 * w as u64 / h as u64) as u32, s),
+            Resize::Exact(rw, rh) => (rw, rh),
+        };
+        if nw < self.crop || nh < self.crop {
+            return Err(Error::Config(format!(
+                "resize to {nw}x{nh} is smaller than the {} crop",
+                self.crop
+            )));
+        }
+        let resized = if (nw, nh) == (w, h) {
+            image.clone()
+        } else {
+            image::imageops::resize(image, nw, nh, FilterType::Triangle)
+        };
+        let (left, top) = (centre_offset(nw, self.crop), centre_offset(nh, self.crop));
+        Ok(image::imageops::crop_imm(&resized, left, top, self.crop, self.crop).to_image())
+    }
+
+    /// Scales, reorders and normalises an RGB image into a `(3, H, W)` f32 tensor.
+    pub fn to_tensor(&self, image: &RgbImage, device: &Device) -> Result<Tensor> {
+        let (w, h) = image.dimensions();
+        let plane = (w * h) as usize;
+        let mut data = vec![0f32; 3 * plane];
+        for (i, px) in image.pixels().enumerate() {
+            for c in 0..3 {
+                let src = if self.bgr { 2 - c } else { c };
+                data[c * plane + i] = (px[src] as f32 * self.scale - self.mean[c]) / self.std[c];
+            }
+        }
+        Ok(Tensor::from_vec(data, (3, h as usize, w as usize), device)?)
+    }
+
+    /// Opens, resizes, crops and normalises one image into a `(3, crop, crop)` tensor.
+    pub fn load(&self, path: impl AsRef<Path>, device: &Device) -> Result<Tensor> {
+        let image = self.open(path)?;
+        self.to_tensor(&self.resize_and_crop(&image)?, device)
+    }
+
+    /// Loads several images into one `(N, 3, crop, crop)` batch.
+    pub fn load_batch<P: AsRef<Path>>(&self, paths: &[P], device: &Device) -> Result<Tensor> {
+        let images = paths
+            .iter()
+            .map(|p| self.load(p, device))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&images, 0)?)
+    }
+}
+
+/// torchvision's `CenterCrop` offset: `round((size - crop) / 2)`, with Python's round-half-even.
+fn centre_offset(size: u32, crop: u32) -> u32 {
+    let d = size - crop;
+    let half = d / 2;
+    if d % 2 == 1 && half % 2 == 1 {
+        half + 1
+    } else {
+        half
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn centre_offset_rounds_half_to_even_like_python() {
+        assert_eq!(centre_offset(256, 224), 16);
+        assert_eq!(centre_offset(341, 224), 58); // round(58.5) == 58
+        assert_eq!(centre_offset(343, 224), 60); // round(59.5) == 60
+    }
+
+    #[test]
+    fn shorter_side_resize_keeps_aspect_like_torchvision() -> Result<()> {
+        let image = RgbImage::new(451, 300);
+        let out = Preprocess::torchvision().resize_and_crop(&image)?;
+        assert_eq!(out.dimensions(), (224, 224));
+        Ok(())
+    }
+
+    #[test]
+    fn caffe_preset_is_bgr_minus_mean() -> Result<()> {
+        let mut image = RgbImage::new(227, 227);
+        for px in image.pixels_mut() {
+            *px = image::Rgb([200, 100, 50]);
+        }
+        let p = Preprocess {
+            resize: Resize::Exact(227, 227),
+            ..Preprocess::caffe()
+        };
+        let t = p.to_tensor(&p.resize_and_crop(&image)?, &Device::Cpu)?;
+        let first: Vec<f32> = (0..3)
+            .map(|c| t.get(c)?.get(0)?.get(0)?.to_scalar::<f32>())
+            .collect::<candle_core::Result<_>>()?;
+        assert_eq!(first, vec![50.0 - 104.00699, 100.0 - 116.66877, 200.0 - 122.67891]);
+        Ok(())
+    }
+}

@@ -503,6 +503,38 @@ impl AlexNet {
         self.config.num_classes
     }
 
+    /// The learnable layers in network order, under their paper names (`conv1`..`fc8`).
+    pub fn layers(&self) -> [(&'static str, LayerRef<'_>); 8] {
+        [
+            ("conv1", LayerRef::Conv(&self.conv1)),
+            ("conv2", LayerRef::Conv(&self.conv2)),
+            ("conv3", LayerRef::Conv(&self.conv3)),
+            ("conv4", LayerRef::Conv(&self.conv4)),
+            ("conv5", LayerRef::Conv(&self.conv5)),
+            ("fc6", LayerRef::Linear(&self.fc6)),
+            ("fc7", LayerRef::Linear(&self.fc7)),
+            ("fc8", LayerRef::Linear(&self.fc8)),
+        ]
+    }
+
+    /// Every weight and bias under the checkpoint key names of the model's layout, ready for
+    /// [`crate::weights::save_safetensors`].
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let keys = self.config.layout.key_prefixes();
+        let mut out = Vec::with_capacity(16);
+        for ((_, layer), key) in self.layers().into_iter().zip(keys) {
+            let (w, b) = match layer {
+                LayerRef::Conv(c) => (c.weight(), c.bias()),
+                LayerRef::Linear(l) => (l.weight(), l.bias()),
+            };
+            out.push((format!("{key}.weight"), w.clone()));
+            if let Some(b) = b {
+                out.push((format!("{key}.bias"), b.clone()));
+            }
+        }
+        out
+    }
+
     /// The output of one layer, in eval mode, computing nothing past it.
     ///
     /// `x` is a `(N, 3, H, W)` batch already preprocessed for the layout
@@ -606,6 +638,13 @@ impl AlexNet {
         done(Layer::Logits, &logits);
         Ok(logits)
     }
+}
+
+/// A borrowed learnable layer, from [`AlexNet::layers`].
+#[derive(Debug, Clone, Copy)]
+pub enum LayerRef<'a> {
+    Conv(&'a Conv2d),
+    Linear(&'a Linear),
 }
 
 impl Module for AlexNet {

@@ -7,7 +7,8 @@
 //! - [`weights`]: local checkpoints (safetensors, PyTorch `.pth`) and the registry of known
 //!   pretrained files; [`hub`]: downloads from the Hugging Face hub;
 //! - [`preprocess`]: image loading and the torchvision and Caffe input pipelines;
-//! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection.
+//! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection; [`io`]: atomic
+//!   file writes.
 //!
 //! ```no_run
 //! use candle_core::Device;
@@ -19,7 +20,7 @@
 //! let image = preprocess.load_batch(&["assets/chelsea.png"], &device)?;
 //! let probs = candle_nn::ops::softmax(&model.forward(&image)?, 1)?;
 //! for (class, p) in imagenet::top_k(&probs.get(0)?, 5)? {
-//!     println!("{p:.3} {}", imagenet::CLASSES[class]);
+//!     println!("{p:.3} {}", imagenet::classes()[class]);
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -29,6 +30,7 @@ pub mod device;
 mod error;
 pub mod hub;
 pub mod imagenet;
+pub mod io;
 pub mod layers;
 pub mod preprocess;
 pub mod weights;

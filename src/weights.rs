@@ -18,7 +18,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::alexnet::{AlexNet, Config, Layout};
@@ -69,6 +69,13 @@ impl Checkpoint {
                 keys,
                 metadata: BTreeMap::new(),
             });
+        }
+        if got >= 2 && magic[0] == 0x80 && magic[1] <= 5 {
+            return Err(Error::checkpoint(
+                &path,
+                "legacy (pre-1.6, non-zip) PyTorch serialization, which candle cannot read; \
+                 re-save it with `torch.save(torch.load(path), new_path)` in PyTorch >= 1.6",
+            ));
         }
         if got < 8 {
             return Err(Error::checkpoint(&path, format!("{len} bytes is too short for a checkpoint")));
@@ -200,6 +207,36 @@ impl Checkpoint {
             e => e,
         }
     }
+}
+
+/// Writes named tensors and string metadata as a safetensors file, atomically.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use candle_core::{Device, Tensor};
+/// use candle_zoo::weights::{save_safetensors, Checkpoint};
+///
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("t.safetensors");
+/// let t = Tensor::ones((2, 3), candle_core::DType::F32, &Device::Cpu)?;
+/// let meta = BTreeMap::from([("layout".to_string(), "caffenet".to_string())]);
+/// save_safetensors(&path, &[("x".to_string(), t)], &meta)?;
+/// assert_eq!(Checkpoint::open(&path)?.metadata()["layout"], "caffenet");
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn save_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[(String, Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let path = path.as_ref();
+    let cpu = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let meta = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
+    let bytes = safetensors::serialize(cpu, meta).map_err(|e| Error::checkpoint(path, e))?;
+    crate::io::write_atomic(path, &bytes)
 }
 
 fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod hub_server;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};

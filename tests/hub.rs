@@ -1,0 +1,155 @@
+//! Hub downloads end to end against a local server that speaks the hub's `resolve` protocol:
+//! download, a second run from the cache with the server gone, pinned revisions, offline mode,
+//! checksum mismatches and an unreachable hub. No test touches the internet.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use candle_nn::Module;
+use candle_zoo::alexnet::{AlexNet, Layout};
+use candle_zoo::hub::{Hub, HubFile};
+use candle_zoo::weights::{save_safetensors, Checkpoint, Pretrained};
+use candle_zoo::Error;
+use common::hub_server::{sha256_hex, HubServer, ServedFile, COMMIT};
+use common::{det_var_builder, small};
+
+const REPO: &str = "candle-zoo/alexnet-test";
+const FILE: &str = "alexnet.safetensors";
+
+/// A small torchvision-layout checkpoint's bytes, and the model they hold.
+fn checkpoint_bytes() -> (Vec<u8>, AlexNet) {
+    let model = AlexNet::load(det_var_builder(&small(Layout::TorchVision))).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.safetensors");
+    save_safetensors(&path, &model.named_tensors(), &BTreeMap::new()).unwrap();
+    (std::fs::read(path).unwrap(), model)
+}
+
+fn served(bytes: &[u8]) -> ServedFile {
+    ServedFile {
+        repo: REPO.into(),
+        file: FILE.into(),
+        bytes: bytes.to_vec(),
+        etag: None,
+    }
+}
+
+fn hub(endpoint: &str, cache: &std::path::Path) -> Hub {
+    Hub::from_env()
+        .with_endpoint(endpoint)
+        .with_cache_dir(cache)
+        .with_token(None)
+        .offline(false)
+        .with_progress(false)
+}
+
+fn logits(model: &AlexNet) -> Vec<Vec<f32>> {
+    let x = Tensor::ones((1, 3, 96, 96), candle_core::DType::F32, &Device::Cpu).unwrap();
+    model.forward(&x).unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn downloads_then_serves_from_cache_without_the_server() {
+    let (bytes, model) = checkpoint_bytes();
+    let sha = sha256_hex(&bytes);
+    let cache = tempfile::tempdir().unwrap();
+    let file = HubFile::new(REPO, FILE).with_revision(COMMIT).with_sha256(&sha);
+
+    let server = HubServer::start(vec![served(&bytes)]);
+    let endpoint = server.endpoint().to_string();
+    let path = hub(&endpoint, cache.path()).get(&file).unwrap();
+    assert!(server.requests() >= 1, "nothing was downloaded");
+    assert!(path.starts_with(cache.path()), "{} is outside the cache", path.display());
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let loaded = Checkpoint::open(&path).unwrap().load(&Device::Cpu).unwrap();
+    assert_eq!(logits(&loaded), logits(&model));
+    drop(server); // the hub is gone from now on
+
+    // Same settings: served from the cache, checksum checked again.
+    assert_eq!(hub(&endpoint, cache.path()).get(&file).unwrap(), path);
+    // Offline mode, and an endpoint nobody listens on: still the cache, no network.
+    assert_eq!(hub(&endpoint, cache.path()).offline(true).get(&file).unwrap(), path);
+    assert_eq!(hub("http://127.0.0.1:9", cache.path()).get(&file).unwrap(), path);
+}
+
+#[test]
+fn pinned_revisions_are_cached_separately() {
+    let (bytes, _) = checkpoint_bytes();
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start(vec![served(&bytes)]);
+    let h = hub(server.endpoint(), cache.path());
+    let main = h.get(&HubFile::new(REPO, FILE)).unwrap();
+    let pinned = h.get(&HubFile::new(REPO, FILE).with_revision(COMMIT)).unwrap();
+    // Both resolve to the snapshot of the commit the server reports.
+    assert_eq!(main, pinned);
+    assert!(pinned.to_string_lossy().contains(COMMIT));
+    // A revision the hub does not have is an error that names it.
+    let err = h.get(&HubFile::new(REPO, FILE).with_revision("v9")).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Hub { .. }), "{msg}");
+    assert!(msg.contains("revision `v9`") && msg.contains(REPO) && msg.contains(FILE), "{msg}");
+}
+
+#[test]
+fn checksum_mismatch_is_an_error() {
+    let (bytes, _) = checkpoint_bytes();
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start(vec![served(&bytes)]);
+    let wrong = "0".repeat(64);
+    let err = hub(server.endpoint(), cache.path())
+        .get(&HubFile::new(REPO, FILE).with_sha256(&wrong))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Checksum { .. }), "{msg}");
+    assert!(msg.contains(&wrong) && msg.contains(&sha256_hex(&bytes)), "{msg}");
+}
+
+#[test]
+fn unreachable_hub_names_repo_file_and_the_way_out() {
+    let cache = tempfile::tempdir().unwrap();
+    // Port 9 (discard) on loopback: nothing listens there.
+    let err = hub("http://127.0.0.1:9", cache.path())
+        .get(&HubFile::new(REPO, FILE))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Hub { .. }), "{msg}");
+    for needle in [REPO, FILE, "http://127.0.0.1:9", "HF_ENDPOINT", "HF_HUB_OFFLINE", "--weights"] {
+        assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
+    }
+    // Offline with a cold cache: says so, without trying the network.
+    let err = hub("http://127.0.0.1:9", cache.path())
+        .offline(true)
+        .get(&HubFile::new(REPO, FILE))
+        .unwrap_err();
+    assert!(matches!(err, Error::NotInCache { .. }), "{err}");
+}
+
+#[test]
+fn missing_file_on_the_hub_is_an_error() {
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start(vec![]);
+    let err = hub(server.endpoint(), cache.path())
+        .get(&HubFile::new(REPO, "nope.safetensors"))
+        .unwrap_err();
+    assert!(err.to_string().contains("nope.safetensors"), "{err}");
+}
+
+#[test]
+fn registry_default_resolves_through_the_hub() {
+    // The registry's default names a hub repo and file; serve a (small) checkpoint there and
+    // check that the registry path downloads and loads it.
+    let (bytes, model) = checkpoint_bytes();
+    let file = Pretrained::default().hub_file().expect("the default has a hub file");
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start(vec![ServedFile {
+        repo: file.repo.clone(),
+        file: file.file.clone(),
+        bytes,
+        etag: None,
+    }]);
+    let path = Pretrained::default().fetch(&hub(server.endpoint(), cache.path())).unwrap();
+    let loaded = Checkpoint::open(path).unwrap().load(&Device::Cpu).unwrap();
+    assert_eq!(logits(&loaded), logits(&model));
+}

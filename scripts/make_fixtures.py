@@ -8,7 +8,7 @@ committed. Every tap of `AlexNet::extract` and the logits are recorded for the t
 AlexNet and CaffeNet layouts (written here in PyTorch after Caffe's prototxt).
 
     pip install torch torchvision safetensors
-    python3 scripts/make_fixtures.py          # rewrites tests/fixtures/parity.{json,safetensors}
+    python3 scripts/make_fixtures.py   # rewrites tests/fixtures/{parity.json,parity.safetensors,*.pth}
 """
 
 import json
@@ -203,6 +203,12 @@ def main():
                               "shapes": {k: list(taps[k].shape) for k in TAPS}})
         print(f"{name}: logits[0,:3] = {taps['logits'][0, :3].tolist()}")
     os.makedirs(OUT, exist_ok=True)
+    # A PyTorch checkpoint as torchvision ships them (a zip-format state_dict), small, and one in
+    # the legacy pre-1.6 format that candle cannot read, for the error test.
+    small = tv_model(*SMALL, 10)
+    small.load_state_dict(det_state_dict(small))
+    torch.save(small.state_dict(), os.path.join(OUT, "tv_small.pth"))
+    torch.save({"x": torch.zeros(1)}, os.path.join(OUT, "legacy.pth"), _use_new_zipfile_serialization=False)
     save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(OUT, "parity.safetensors"))
     with open(os.path.join(OUT, "parity.json"), "w") as f:
         json.dump(meta, f, indent=1)

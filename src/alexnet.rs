@@ -134,7 +134,7 @@ impl FromStr for Layout {
             "torchvision" | "tv" => Ok(Layout::TorchVision),
             "alexnet" | "bvlc" | "bvlcalexnet" | "original" | "twotower" => Ok(Layout::AlexNet),
             "caffenet" | "bvlcreferencecaffenet" => Ok(Layout::CaffeNet),
-            _ => Err(Error::Config(format!(
+            _ => Err(Error::Invalid(format!(
                 "unknown layout `{s}`; expected torchvision, alexnet or caffenet"
             ))),
         }
@@ -399,7 +399,7 @@ impl FromStr for Layer {
             .into_iter()
             .find(|l| l.name() == lower || (lower == "fc8" && *l == Layer::Logits))
             .ok_or_else(|| {
-                Error::Config(format!(
+                Error::Invalid(format!(
                     "unknown layer `{s}`; expected one of conv1..conv5, pool5, fc6, fc7, logits"
                 ))
             })

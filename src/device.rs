@@ -34,7 +34,7 @@ impl FromStr for DeviceChoice {
         let (kind, ordinal) = match lower.split_once(':') {
             Some((k, n)) => {
                 let n = n.parse().map_err(|_| {
-                    Error::Config(format!("device `{s}`: `{n}` is not a device number"))
+                    Error::Invalid(format!("device `{s}`: `{n}` is not a device number"))
                 })?;
                 (k.to_string(), n)
             }
@@ -45,7 +45,7 @@ impl FromStr for DeviceChoice {
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(ordinal)),
             "metal" => Ok(Self::Metal(ordinal)),
-            _ => Err(Error::Config(format!(
+            _ => Err(Error::Invalid(format!(
                 "unknown device `{s}`; expected auto, cpu, cuda[:N] or metal[:N]"
             ))),
         }
@@ -57,7 +57,7 @@ impl DeviceChoice {
     pub fn device(self) -> Result<Device> {
         let open = |name: &str, feature: &str, r: candle_core::Result<Device>| {
             r.map_err(|e| {
-                Error::Config(format!(
+                Error::Invalid(format!(
                     "cannot open device {name}: {e} (this binary needs `--features {feature}` \
                      and a working {feature} driver; `--device cpu` always works)"
                 ))

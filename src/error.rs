@@ -28,6 +28,10 @@ pub enum Error {
     #[error("invalid AlexNet config: {0}")]
     Config(String),
 
+    /// A setting, name or argument that is not valid (device, layer, preset, registry entry).
+    #[error("{0}")]
+    Invalid(String),
+
     /// An input tensor the model cannot take.
     #[error("input of shape {shape:?}: {reason}")]
     Input { shape: Vec<usize>, reason: String },

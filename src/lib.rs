@@ -7,6 +7,7 @@
 //! - [`weights`]: local checkpoints (safetensors, PyTorch `.pth`) and the registry of known
 //!   pretrained files; [`hub`]: downloads from the Hugging Face hub;
 //! - [`preprocess`]: image loading and the torchvision and Caffe input pipelines;
+//! - [`cli`] (feature `cli`, on by default): the flags the examples share;
 //! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection; [`io`]: atomic
 //!   file writes.
 //!
@@ -26,6 +27,8 @@
 //! ```
 
 pub mod alexnet;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod device;
 mod error;
 pub mod hub;

@@ -93,7 +93,7 @@ impl FromStr for Preset {
         match s.to_ascii_lowercase().as_str() {
             "torchvision" | "tv" | "pytorch" => Ok(Preset::TorchVision),
             "caffe" | "bgr" => Ok(Preset::Caffe),
-            _ => Err(Error::Config(format!(
+            _ => Err(Error::Invalid(format!(
                 "unknown preprocessing preset `{s}`; expected torchvision or caffe"
             ))),
         }
@@ -170,7 +170,7 @@ impl Preprocess {
             Resize::Exact(rw, rh) => (rw, rh),
         };
         if nw < self.crop || nh < self.crop {
-            return Err(Error::Config(format!(
+            return Err(Error::Invalid(format!(
                 "resize to {nw}x{nh} is smaller than the {} crop",
                 self.crop
             )));

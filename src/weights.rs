@@ -171,8 +171,23 @@ impl Checkpoint {
 
     /// Loads the model in f32 on `device`.
     pub fn load(&self, device: &Device) -> Result<AlexNet> {
+        self.load_as(None, device)
+    }
+
+    /// Loads the model in f32 on `device`, with `layout` overriding the one the file implies
+    /// (for CaffeNet weights saved without metadata).
+    pub fn load_as(&self, layout: Option<Layout>, device: &Device) -> Result<AlexNet> {
         let vb = self.var_builder(DType::F32, device)?;
-        let config = self.config(&vb)?;
+        let mut config = self.config(&vb)?;
+        if let Some(layout) = layout {
+            if layout.is_caffe() != config.layout.is_caffe() {
+                return Err(Error::checkpoint(
+                    &self.path,
+                    format!("layout `{layout}` was asked for, but the keys are those of `{}`", config.layout),
+                ));
+            }
+            config.layout = layout;
+        }
         AlexNet::new(&config, vb).map_err(|e| self.with_path(e))
     }
 
@@ -410,7 +425,7 @@ impl Pretrained {
     /// Fetches the weights from the hub (or its cache) and returns the local path.
     pub fn fetch(self, hub: &Hub) -> Result<PathBuf> {
         let file = self.hub_file().ok_or_else(|| {
-            Error::Config(format!(
+            Error::Invalid(format!(
                 "`{}` has no safetensors copy on the hub; convert the original ({}) and pass it \
                  as a local file (see weights/README.md)",
                 self.name(),
@@ -424,10 +439,7 @@ impl Pretrained {
     /// preprocessing.
     pub fn load(self, device: &Device) -> Result<(AlexNet, Preprocess)> {
         let path = self.fetch(&Hub::from_env())?;
-        let ckpt = Checkpoint::open(path)?;
-        let vb = ckpt.var_builder(DType::F32, device)?;
-        let config = ckpt.config(&vb)?.with_layout(self.info().layout);
-        let model = AlexNet::new(&config, vb).map_err(|e| ckpt.with_path(e))?;
+        let model = Checkpoint::open(path)?.load_as(Some(self.info().layout), device)?;
         Ok((model, self.info().preset.pipeline()))
     }
 }

@@ -1,0 +1,128 @@
+//! Command-line flags shared by the examples (feature `cli`): which weights, which device,
+//! which preprocessing. The examples stay thin; programs of your own can flatten these too.
+//!
+//! ```
+//! use clap::Parser;
+//! use candle_zoo::cli::ModelArgs;
+//!
+//! #[derive(Parser)]
+//! struct Args {
+//!     #[command(flatten)]
+//!     model: ModelArgs,
+//! }
+//! let args = Args::parse_from(["prog", "--weights", "alexnet.safetensors", "--device", "cpu"]);
+//! assert_eq!(args.model.source(), "alexnet.safetensors");
+//! ```
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+
+use crate::alexnet::{AlexNet, Layout};
+use crate::device::DeviceChoice;
+use crate::error::Result;
+use crate::hub::{Hub, HubFile};
+use crate::preprocess::{Preprocess, Preset};
+use crate::weights::{Checkpoint, Pretrained};
+
+/// Where the weights come from, the device, and preprocessing overrides.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Pretrained model from the registry: torchvision, bvlc-alexnet, bvlc-caffenet.
+    #[arg(long, default_value = "torchvision", conflicts_with_all = ["weights", "model_id"])]
+    pub model: Pretrained,
+
+    /// A local checkpoint instead: .safetensors or PyTorch .pth (zip format).
+    #[arg(long, value_name = "PATH", conflicts_with = "model_id")]
+    pub weights: Option<PathBuf>,
+
+    /// A hub repo instead (with --hub-file), e.g. theunnecessarythings/vision_models.
+    #[arg(long, value_name = "OWNER/NAME", requires = "hub_file")]
+    pub model_id: Option<String>,
+
+    /// The file in --model-id's repo.
+    #[arg(long, value_name = "FILE", requires = "model_id")]
+    pub hub_file: Option<String>,
+
+    /// Branch, tag or commit of --model-id (default: main).
+    #[arg(long, value_name = "REV", requires = "model_id")]
+    pub revision: Option<String>,
+
+    /// Expected SHA-256 of the --model-id file; checked after download.
+    #[arg(long, value_name = "HEX", requires = "model_id")]
+    pub sha256: Option<String>,
+
+    /// Override the layout the checkpoint implies (caffenet for CaffeNet weights without metadata).
+    #[arg(long)]
+    pub layout: Option<Layout>,
+
+    /// Override the preprocessing preset: torchvision or caffe.
+    #[arg(long)]
+    pub preprocess: Option<Preset>,
+
+    /// auto, cpu, cuda[:N] or metal[:N]. auto picks CUDA, then Metal, then the CPU.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceChoice,
+}
+
+/// A model ready to run, with the preprocessing its weights expect.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub model: AlexNet,
+    pub preprocess: Preprocess,
+    pub preset: Preset,
+    /// The checkpoint file on disk.
+    pub path: PathBuf,
+}
+
+impl ModelArgs {
+    /// What the flags ask for, in words: a registry name, a path or `repo/file@revision`.
+    pub fn source(&self) -> String {
+        match (&self.weights, &self.model_id, &self.hub_file) {
+            (Some(path), _, _) => path.display().to_string(),
+            (None, Some(repo), Some(file)) => {
+                format!("{repo}/{file}@{}", self.revision.as_deref().unwrap_or("main"))
+            }
+            _ => self.model.name().to_string(),
+        }
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        self.device.device()
+    }
+
+    /// Resolves the weights (downloading through the hub cache if needed) and loads the model.
+    pub fn load(&self, device: &Device) -> Result<LoadedModel> {
+        let (path, layout, preset) = match (&self.weights, &self.model_id, &self.hub_file) {
+            (Some(path), _, _) => (path.clone(), self.layout, None),
+            (None, Some(repo), Some(file)) => {
+                let mut f = HubFile::new(repo, file);
+                if let Some(rev) = &self.revision {
+                    f = f.with_revision(rev);
+                }
+                if let Some(sha) = &self.sha256 {
+                    f = f.with_sha256(sha);
+                }
+                (Hub::from_env().get(&f)?, self.layout, None)
+            }
+            (None, _, _) => {
+                let info = self.model.info();
+                let path = self.model.fetch(&Hub::from_env())?;
+                (path, Some(self.layout.unwrap_or(info.layout)), Some(info.preset))
+            }
+        };
+        let ckpt = Checkpoint::open(&path)?;
+        let model = ckpt.load_as(layout, device)?;
+        let preset = match (self.preprocess, preset) {
+            (Some(p), _) | (None, Some(p)) => p,
+            (None, None) if self.layout.is_some() => Preset::for_layout(model.layout()),
+            (None, None) => ckpt.preset()?,
+        };
+        Ok(LoadedModel {
+            model,
+            preprocess: preset.pipeline(),
+            preset,
+            path,
+        })
+    }
+}

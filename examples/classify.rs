@@ -36,7 +36,10 @@ struct Args {
 fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.images.is_empty() {
-        args.images.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/chelsea.png")));
+        args.images.push(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/assets/chelsea.png"
+        )));
     }
     let device = args.model.device()?;
     let loaded = args
@@ -102,7 +105,10 @@ fn main() -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&results)?);
     }
     if failed > 0 {
-        bail!("{failed} of {} images could not be classified", args.images.len());
+        bail!(
+            "{failed} of {} images could not be classified",
+            args.images.len()
+        );
     }
     Ok(())
 }

@@ -295,7 +295,9 @@ impl Config {
     fn pool5_side(&self, input: usize) -> Option<usize> {
         let ceil = self.layout.is_caffe();
         let geometry = self.layout.conv_geometry();
-        let conv = |n: usize, (k, s, p): (usize, usize, usize)| (n + 2 * p).checked_sub(k).map(|v| v / s + 1);
+        let conv = |n: usize, (k, s, p): (usize, usize, usize)| {
+            (n + 2 * p).checked_sub(k).map(|v| v / s + 1)
+        };
         let pool = |n: usize| pooled_size(n, 3, 2, ceil);
         let n = pool(conv(input, geometry[0])?)?;
         let n = pool(conv(n, geometry[1])?)?;
@@ -667,7 +669,12 @@ impl AlexNet {
 
 /// Reads (or, from a `VarMap`, creates) the weight and bias under `prefix`, with PyTorch's
 /// default initialisation for fresh weights.
-fn params(vb: &VarBuilder, prefix: &str, shape: &[usize], fan_in: usize) -> Result<(Tensor, Tensor)> {
+fn params(
+    vb: &VarBuilder,
+    prefix: &str,
+    shape: &[usize],
+    fan_in: usize,
+) -> Result<(Tensor, Tensor)> {
     let bound = 1.0 / (fan_in as f64).sqrt();
     let uniform = Init::Uniform {
         lo: -bound,
@@ -742,7 +749,10 @@ mod tests {
         let dev = Device::Cpu;
         for layout in Layout::ALL {
             let vm = VarMap::new();
-            let model = AlexNet::new(&small(layout), VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+            let model = AlexNet::new(
+                &small(layout),
+                VarBuilder::from_varmap(&vm, DType::F32, &dev),
+            )?;
             let side = layout.input_size();
             let x = Tensor::randn(0f32, 1., (2, 3, side, side), &dev)?;
             let taps = model.extract_many(&x, &Layer::ALL)?;
@@ -765,9 +775,15 @@ mod tests {
             // A single tap equals the same tap of a longer run, and the logits equal forward().
             let fc6 = model.extract(&x, Layer::Fc6)?;
             assert_eq!(fc6.to_vec2::<f32>()?, taps[6].to_vec2::<f32>()?);
-            assert_eq!(model.forward(&x)?.to_vec2::<f32>()?, taps[8].to_vec2::<f32>()?);
+            assert_eq!(
+                model.forward(&x)?.to_vec2::<f32>()?,
+                taps[8].to_vec2::<f32>()?
+            );
             // Eval-mode ModuleT is forward().
-            assert_eq!(model.forward_t(&x, false)?.to_vec2::<f32>()?, taps[8].to_vec2::<f32>()?);
+            assert_eq!(
+                model.forward_t(&x, false)?.to_vec2::<f32>()?,
+                taps[8].to_vec2::<f32>()?
+            );
         }
         Ok(())
     }
@@ -790,15 +806,39 @@ mod tests {
     fn bad_inputs_are_named() -> Result<()> {
         let dev = Device::Cpu;
         let vm = VarMap::new();
-        let tv = AlexNet::new(&small(Layout::TorchVision), VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-        let err = tv.forward(&Tensor::zeros((1, 3, 40, 64), DType::F32, &dev)?).unwrap_err();
+        let tv = AlexNet::new(
+            &small(Layout::TorchVision),
+            VarBuilder::from_varmap(&vm, DType::F32, &dev),
+        )?;
+        let err = tv
+            .forward(&Tensor::zeros((1, 3, 40, 64), DType::F32, &dev)?)
+            .unwrap_err();
         assert!(err.to_string().contains("side 40 is too small"), "{err}");
-        let err = tv.extract(&Tensor::zeros((1, 1, 64, 64), DType::F32, &dev)?, Layer::Conv1).unwrap_err();
-        assert!(err.to_string().contains("(batch, 3, height, width)"), "{err}");
+        let err = tv
+            .extract(
+                &Tensor::zeros((1, 1, 64, 64), DType::F32, &dev)?,
+                Layer::Conv1,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("(batch, 3, height, width)"),
+            "{err}"
+        );
         let vm = VarMap::new();
-        let caffe = AlexNet::new(&small(Layout::AlexNet), VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-        let err = caffe.extract(&Tensor::zeros((1, 3, 256, 227), DType::F32, &dev)?, Layer::Conv1).unwrap_err();
-        assert!(err.to_string().contains("side 256 gives a pool5 of 7x7"), "{err}");
+        let caffe = AlexNet::new(
+            &small(Layout::AlexNet),
+            VarBuilder::from_varmap(&vm, DType::F32, &dev),
+        )?;
+        let err = caffe
+            .extract(
+                &Tensor::zeros((1, 3, 256, 227), DType::F32, &dev)?,
+                Layer::Conv1,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("side 256 gives a pool5 of 7x7"),
+            "{err}"
+        );
         Ok(())
     }
 
@@ -806,7 +846,8 @@ mod tests {
     fn odd_widths_are_refused_for_two_towers() {
         let vm = VarMap::new();
         let cfg = small(Layout::AlexNet).with_widths([8, 12, 16, 13, 8], 32);
-        let err = AlexNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap_err();
+        let err =
+            AlexNet::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap_err();
         assert!(err.to_string().contains("conv4 has groups=2"), "{err}");
     }
 

@@ -81,7 +81,10 @@ impl ModelArgs {
         match (&self.weights, &self.model_id, &self.hub_file) {
             (Some(path), _, _) => path.display().to_string(),
             (None, Some(repo), Some(file)) => {
-                format!("{repo}/{file}@{}", self.revision.as_deref().unwrap_or("main"))
+                format!(
+                    "{repo}/{file}@{}",
+                    self.revision.as_deref().unwrap_or("main")
+                )
             }
             _ => self.model.name().to_string(),
         }
@@ -108,7 +111,11 @@ impl ModelArgs {
             (None, _, _) => {
                 let info = self.model.info();
                 let path = self.model.fetch(&Hub::from_env())?;
-                (path, Some(self.layout.unwrap_or(info.layout)), Some(info.preset))
+                (
+                    path,
+                    Some(self.layout.unwrap_or(info.layout)),
+                    Some(info.preset),
+                )
             }
         };
         let ckpt = Checkpoint::open(&path)?;

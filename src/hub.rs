@@ -80,7 +80,8 @@ impl Hub {
             .map(PathBuf::from)
             .unwrap_or_else(|| Cache::from_env().path().clone());
         let token = var("HF_TOKEN").or_else(|| Cache::from_env().token());
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
+        let offline = var("HF_HUB_OFFLINE")
+            .is_some_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"));
         Self {
             endpoint: var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_ENDPOINT.into()),
             cache_dir,
@@ -129,7 +130,9 @@ impl Hub {
     /// it. The SHA-256 is checked either way when `file` names one.
     pub fn get(&self, file: &HubFile) -> Result<PathBuf> {
         let repo = Repo::with_revision(file.repo.clone(), RepoType::Model, file.revision.clone());
-        let cached = Cache::new(self.cache_dir.clone()).repo(repo.clone()).get(&file.file);
+        let cached = Cache::new(self.cache_dir.clone())
+            .repo(repo.clone())
+            .get(&file.file);
         let path = match cached {
             Some(path) => path,
             None if self.offline => {

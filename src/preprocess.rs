@@ -258,7 +258,10 @@ mod tests {
         let first: Vec<f32> = (0..3)
             .map(|c| t.get(c)?.get(0)?.get(0)?.to_scalar::<f32>())
             .collect::<candle_core::Result<_>>()?;
-        assert_eq!(first, vec![50.0 - 104.00699, 100.0 - 116.66877, 200.0 - 122.67891]);
+        assert_eq!(
+            first,
+            vec![50.0 - 104.00699, 100.0 - 116.66877, 200.0 - 122.67891]
+        );
         Ok(())
     }
 }

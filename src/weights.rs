@@ -59,8 +59,9 @@ impl Checkpoint {
         let mut magic = [0u8; 8];
         let got = read_up_to(&mut file, &mut magic).map_err(|e| Error::io(&path, e))?;
         if got >= 4 && magic[..4] == *b"PK\x03\x04" {
-            let pth = candle_core::pickle::PthTensors::new(&path, None)
-                .map_err(|e| Error::checkpoint(&path, format!("not a readable PyTorch zip checkpoint: {e}")))?;
+            let pth = candle_core::pickle::PthTensors::new(&path, None).map_err(|e| {
+                Error::checkpoint(&path, format!("not a readable PyTorch zip checkpoint: {e}"))
+            })?;
             let mut keys: Vec<String> = pth.tensor_infos().keys().cloned().collect();
             keys.sort();
             return Ok(Self {
@@ -78,7 +79,10 @@ impl Checkpoint {
             ));
         }
         if got < 8 {
-            return Err(Error::checkpoint(&path, format!("{len} bytes is too short for a checkpoint")));
+            return Err(Error::checkpoint(
+                &path,
+                format!("{len} bytes is too short for a checkpoint"),
+            ));
         }
         let header_len = u64::from_le_bytes(magic);
         if header_len == 0 || header_len > 100 << 20 || 8 + header_len > len {
@@ -91,9 +95,11 @@ impl Checkpoint {
             ));
         }
         let mut header = vec![0u8; header_len as usize];
-        file.read_exact(&mut header).map_err(|e| Error::io(&path, e))?;
-        let (keys, metadata, data_len) = parse_safetensors_header(&header)
-            .map_err(|reason| Error::checkpoint(&path, format!("corrupt safetensors header: {reason}")))?;
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(&path, e))?;
+        let (keys, metadata, data_len) = parse_safetensors_header(&header).map_err(|reason| {
+            Error::checkpoint(&path, format!("corrupt safetensors header: {reason}"))
+        })?;
         let available = len - 8 - header_len;
         if data_len > available {
             return Err(Error::checkpoint(
@@ -141,14 +147,21 @@ impl Checkpoint {
             },
             Format::Pth => {
                 let pth = candle_core::pickle::PthTensors::new(&self.path, None).map_err(err)?;
-                Ok(VarBuilder::from_backend(Box::new(pth), dtype, device.clone()))
+                Ok(VarBuilder::from_backend(
+                    Box::new(pth),
+                    dtype,
+                    device.clone(),
+                ))
             }
         }
     }
 
     /// The layout named in the metadata, if any.
     pub fn layout_hint(&self) -> Result<Option<Layout>> {
-        self.metadata.get(META_LAYOUT).map(|s| s.parse()).transpose()
+        self.metadata
+            .get(META_LAYOUT)
+            .map(|s| s.parse())
+            .transpose()
     }
 
     /// The model config: from keys and shapes, with the layout from metadata where present.
@@ -160,10 +173,15 @@ impl Checkpoint {
             e => self.with_path(e),
         })?;
         match self.layout_hint()? {
-            Some(layout) if layout.is_caffe() != config.layout.is_caffe() => Err(Error::checkpoint(
-                &self.path,
-                format!("metadata says layout `{layout}` but the keys are those of `{}`", config.layout),
-            )),
+            Some(layout) if layout.is_caffe() != config.layout.is_caffe() => {
+                Err(Error::checkpoint(
+                    &self.path,
+                    format!(
+                        "metadata says layout `{layout}` but the keys are those of `{}`",
+                        config.layout
+                    ),
+                ))
+            }
             Some(layout) => Ok(config.with_layout(layout)),
             None => Ok(config),
         }
@@ -183,7 +201,10 @@ impl Checkpoint {
             if layout.is_caffe() != config.layout.is_caffe() {
                 return Err(Error::checkpoint(
                     &self.path,
-                    format!("layout `{layout}` was asked for, but the keys are those of `{}`", config.layout),
+                    format!(
+                        "layout `{layout}` was asked for, but the keys are those of `{}`",
+                        config.layout
+                    ),
                 ));
             }
             config.layout = layout;
@@ -196,11 +217,13 @@ impl Checkpoint {
         if let Some(p) = self.metadata.get(META_PREPROCESS) {
             return p.parse();
         }
-        let layout = self.layout_hint()?.unwrap_or(if self.keys.iter().any(|k| k == "conv1.weight") {
-            Layout::AlexNet
-        } else {
-            Layout::TorchVision
-        });
+        let layout =
+            self.layout_hint()?
+                .unwrap_or(if self.keys.iter().any(|k| k == "conv1.weight") {
+                    Layout::AlexNet
+                } else {
+                    Layout::TorchVision
+                });
         Ok(Preset::for_layout(layout))
     }
 
@@ -215,9 +238,17 @@ impl Checkpoint {
                 key,
                 hint: format!("{}; it has {}", self.path.display(), preview(&self.keys)),
             },
-            Error::ShapeMismatch { key, expected, actual } => Error::checkpoint(
+            Error::ShapeMismatch {
+                key,
+                expected,
+                actual,
+            } => Error::checkpoint(
                 &self.path,
-                Error::ShapeMismatch { key, expected, actual },
+                Error::ShapeMismatch {
+                    key,
+                    expected,
+                    actual,
+                },
             ),
             e => e,
         }
@@ -361,7 +392,11 @@ pub enum Pretrained {
 }
 
 impl Pretrained {
-    pub const ALL: [Pretrained; 3] = [Pretrained::TorchVisionV1, Pretrained::BvlcAlexNet, Pretrained::BvlcCaffeNet];
+    pub const ALL: [Pretrained; 3] = [
+        Pretrained::TorchVisionV1,
+        Pretrained::BvlcAlexNet,
+        Pretrained::BvlcCaffeNet,
+    ];
 
     pub fn info(self) -> PretrainedInfo {
         match self {
@@ -417,7 +452,8 @@ impl Pretrained {
     /// The hub file holding these weights as safetensors, if one is known.
     pub fn hub_file(self) -> Option<HubFile> {
         let info = self.info();
-        let mut file = HubFile::new(info.hub_repo?, info.hub_file?).with_revision(info.hub_revision);
+        let mut file =
+            HubFile::new(info.hub_repo?, info.hub_file?).with_revision(info.hub_revision);
         file.sha256 = info.hub_sha256.map(str::to_string);
         Some(file)
     }

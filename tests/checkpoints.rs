@@ -14,7 +14,9 @@ use candle_zoo::Error;
 use common::{det_var_builder, small};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn x() -> Tensor {
@@ -27,7 +29,10 @@ fn logits(m: &AlexNet) -> Vec<Vec<f32>> {
 
 fn save(dir: &Path, name: &str, tensors: &[(String, Tensor)], meta: &[(&str, &str)]) -> PathBuf {
     let path = dir.join(name);
-    let meta: BTreeMap<String, String> = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let meta: BTreeMap<String, String> = meta
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     save_safetensors(&path, tensors, &meta).unwrap();
     path
 }
@@ -46,11 +51,32 @@ fn pytorch_pth_loads_with_the_same_outputs() {
 #[test]
 fn safetensors_round_trip_and_layout_metadata() {
     let dir = tempfile::tempdir().unwrap();
-    let caffenet = AlexNet::new(&small(Layout::CaffeNet), det_var_builder(&small(Layout::CaffeNet))).unwrap();
+    let caffenet = AlexNet::new(
+        &small(Layout::CaffeNet),
+        det_var_builder(&small(Layout::CaffeNet)),
+    )
+    .unwrap();
     // Without metadata, Caffe keys mean the BVLC AlexNet order; with it, CaffeNet's.
-    let bare = save(dir.path(), "bare.safetensors", &caffenet.named_tensors(), &[]);
-    assert_eq!(Checkpoint::open(&bare).unwrap().load(&Device::Cpu).unwrap().layout(), Layout::AlexNet);
-    let tagged = save(dir.path(), "tagged.safetensors", &caffenet.named_tensors(), &[(META_LAYOUT, "caffenet")]);
+    let bare = save(
+        dir.path(),
+        "bare.safetensors",
+        &caffenet.named_tensors(),
+        &[],
+    );
+    assert_eq!(
+        Checkpoint::open(&bare)
+            .unwrap()
+            .load(&Device::Cpu)
+            .unwrap()
+            .layout(),
+        Layout::AlexNet
+    );
+    let tagged = save(
+        dir.path(),
+        "tagged.safetensors",
+        &caffenet.named_tensors(),
+        &[(META_LAYOUT, "caffenet")],
+    );
     let ckpt = Checkpoint::open(&tagged).unwrap();
     assert_eq!(ckpt.format(), Format::Safetensors);
     assert_eq!(ckpt.preset().unwrap().name(), "caffe");
@@ -58,24 +84,47 @@ fn safetensors_round_trip_and_layout_metadata() {
     assert_eq!(loaded.layout(), Layout::CaffeNet);
     assert_eq!(logits(&loaded), logits(&caffenet));
     // Metadata that contradicts the keys is refused.
-    let lying = save(dir.path(), "lying.safetensors", &caffenet.named_tensors(), &[(META_LAYOUT, "torchvision")]);
-    let err = Checkpoint::open(&lying).unwrap().load(&Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("lying.safetensors") && err.contains("metadata says layout `torchvision`"), "{err}");
+    let lying = save(
+        dir.path(),
+        "lying.safetensors",
+        &caffenet.named_tensors(),
+        &[(META_LAYOUT, "torchvision")],
+    );
+    let err = Checkpoint::open(&lying)
+        .unwrap()
+        .load(&Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lying.safetensors") && err.contains("metadata says layout `torchvision`"),
+        "{err}"
+    );
 }
 
 fn caffe_tensors() -> Vec<(String, Tensor)> {
-    AlexNet::load(det_var_builder(&small(Layout::AlexNet))).unwrap().named_tensors()
+    AlexNet::load(det_var_builder(&small(Layout::AlexNet)))
+        .unwrap()
+        .named_tensors()
 }
 
 #[test]
 fn missing_key_names_the_key_and_file() {
     let dir = tempfile::tempdir().unwrap();
-    let tensors: Vec<_> = caffe_tensors().into_iter().filter(|(k, _)| k != "conv4.bias").collect();
+    let tensors: Vec<_> = caffe_tensors()
+        .into_iter()
+        .filter(|(k, _)| k != "conv4.bias")
+        .collect();
     let path = save(dir.path(), "partial.safetensors", &tensors, &[]);
-    let err = Checkpoint::open(&path).unwrap().load(&Device::Cpu).unwrap_err();
+    let err = Checkpoint::open(&path)
+        .unwrap()
+        .load(&Device::Cpu)
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::MissingKey { .. }), "{msg}");
-    assert!(msg.contains("`conv4.bias`") && msg.contains("partial.safetensors"), "{msg}");
+    assert!(
+        msg.contains("`conv4.bias`") && msg.contains("partial.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -86,25 +135,50 @@ fn wrong_shape_names_the_key_and_both_shapes() {
         .map(|(k, t)| {
             if k == "conv2.weight" {
                 // As if conv2 were single-tower: 16x8x5x5 instead of 16x4x5x5.
-                (k, Tensor::zeros((16, 8, 5, 5), DType::F32, &Device::Cpu).unwrap())
+                (
+                    k,
+                    Tensor::zeros((16, 8, 5, 5), DType::F32, &Device::Cpu).unwrap(),
+                )
             } else {
                 (k, t)
             }
         })
         .collect();
     let path = save(dir.path(), "shape.safetensors", &tensors, &[]);
-    let msg = Checkpoint::open(&path).unwrap().load(&Device::Cpu).unwrap_err().to_string();
-    assert!(msg.contains("shape.safetensors") && msg.contains("`conv2.weight`"), "{msg}");
-    assert!(msg.contains("[16, 4, 5, 5]") && msg.contains("[16, 8, 5, 5]"), "{msg}");
+    let msg = Checkpoint::open(&path)
+        .unwrap()
+        .load(&Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("shape.safetensors") && msg.contains("`conv2.weight`"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[16, 4, 5, 5]") && msg.contains("[16, 8, 5, 5]"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn unknown_keys_are_not_an_alexnet() {
     let dir = tempfile::tempdir().unwrap();
     let t = Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap();
-    let path = save(dir.path(), "other.safetensors", &[("encoder.layer.0".into(), t)], &[]);
-    let msg = Checkpoint::open(&path).unwrap().load(&Device::Cpu).unwrap_err().to_string();
-    assert!(msg.contains("not an AlexNet checkpoint") && msg.contains("encoder.layer.0"), "{msg}");
+    let path = save(
+        dir.path(),
+        "other.safetensors",
+        &[("encoder.layer.0".into(), t)],
+        &[],
+    );
+    let msg = Checkpoint::open(&path)
+        .unwrap()
+        .load(&Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("not an AlexNet checkpoint") && msg.contains("encoder.layer.0"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -116,34 +190,53 @@ fn truncated_and_corrupt_files_are_refused_before_loading() {
     let truncated = dir.path().join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
     let msg = Checkpoint::open(&truncated).unwrap_err().to_string();
-    assert!(msg.contains("truncated.safetensors") && msg.contains("truncated safetensors"), "{msg}");
+    assert!(
+        msg.contains("truncated.safetensors") && msg.contains("truncated safetensors"),
+        "{msg}"
+    );
 
     let mut corrupt = bytes.clone();
     corrupt[8..16].copy_from_slice(b"garbage!");
     let path = dir.path().join("corrupt.safetensors");
     std::fs::write(&path, corrupt).unwrap();
     let msg = Checkpoint::open(&path).unwrap_err().to_string();
-    assert!(msg.contains("corrupt.safetensors") && msg.contains("corrupt safetensors header"), "{msg}");
+    assert!(
+        msg.contains("corrupt.safetensors") && msg.contains("corrupt safetensors header"),
+        "{msg}"
+    );
 
     let path = dir.path().join("text.safetensors");
     std::fs::write(&path, "this is not a checkpoint at all, just text").unwrap();
     let msg = Checkpoint::open(&path).unwrap_err().to_string();
-    assert!(msg.contains("neither safetensors nor a PyTorch zip checkpoint"), "{msg}");
+    assert!(
+        msg.contains("neither safetensors nor a PyTorch zip checkpoint"),
+        "{msg}"
+    );
 
     let path = dir.path().join("empty.pth");
     std::fs::write(&path, b"").unwrap();
     let msg = Checkpoint::open(&path).unwrap_err().to_string();
-    assert!(msg.contains("empty.pth") && msg.contains("too short"), "{msg}");
+    assert!(
+        msg.contains("empty.pth") && msg.contains("too short"),
+        "{msg}"
+    );
 
     let path = dir.path().join("broken.pth");
     let pth = std::fs::read(fixture("tv_small.pth")).unwrap();
     std::fs::write(&path, &pth[..pth.len() / 2]).unwrap();
     let msg = Checkpoint::open(&path).unwrap_err().to_string();
-    assert!(msg.contains("broken.pth") && msg.contains("not a readable PyTorch zip"), "{msg}");
+    assert!(
+        msg.contains("broken.pth") && msg.contains("not a readable PyTorch zip"),
+        "{msg}"
+    );
 
-    let msg = Checkpoint::open(fixture("legacy.pth")).unwrap_err().to_string();
+    let msg = Checkpoint::open(fixture("legacy.pth"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("legacy (pre-1.6"), "{msg}");
 
-    let msg = Checkpoint::open(dir.path().join("absent.safetensors")).unwrap_err().to_string();
+    let msg = Checkpoint::open(dir.path().join("absent.safetensors"))
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("absent.safetensors"), "{msg}");
 }

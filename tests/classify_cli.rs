@@ -40,7 +40,14 @@ fn classify_bin() -> PathBuf {
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(classify_bin());
     cmd.args(args).current_dir(root());
-    for k in ["HF_ENDPOINT", "HF_HUB_CACHE", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "RUST_BACKTRACE"] {
+    for k in [
+        "HF_ENDPOINT",
+        "HF_HUB_CACHE",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+        "HF_TOKEN",
+        "RUST_BACKTRACE",
+    ] {
         cmd.env_remove(k);
     }
     cmd.envs(env.iter().copied());
@@ -53,7 +60,10 @@ fn text(bytes: &[u8]) -> String {
 
 /// A small torchvision-layout model with ImageNet's 1000 classes, saved as safetensors.
 fn imagenet_sized_checkpoint(dir: &Path) -> PathBuf {
-    let model = AlexNet::load(det_var_builder(&small(Layout::TorchVision).with_classes(1000))).unwrap();
+    let model = AlexNet::load(det_var_builder(
+        &small(Layout::TorchVision).with_classes(1000),
+    ))
+    .unwrap();
     let path = dir.join("small-1000.safetensors");
     save_safetensors(&path, &model.named_tensors(), &BTreeMap::new()).unwrap();
     path
@@ -64,7 +74,14 @@ fn local_weights_print_top5_imagenet_labels_per_image() {
     let dir = tempfile::tempdir().unwrap();
     let weights = imagenet_sized_checkpoint(dir.path());
     let out = run(
-        &["--device", "cpu", "--weights", weights.to_str().unwrap(), "assets/chelsea.png", "assets/coffee.png"],
+        &[
+            "--device",
+            "cpu",
+            "--weights",
+            weights.to_str().unwrap(),
+            "assets/chelsea.png",
+            "assets/coffee.png",
+        ],
         &[],
     );
     let stdout = text(&out.stdout);
@@ -77,20 +94,41 @@ fn local_weights_print_top5_imagenet_labels_per_image() {
     for line in lines[1..6].iter().chain(&lines[7..12]) {
         let (pct, label) = line.trim().split_once("%  ").expect("`  NN.NN%  label`");
         assert!(pct.trim().parse::<f32>().is_ok(), "{line}");
-        assert!(labels.contains(&label), "`{label}` is not an ImageNet label");
+        assert!(
+            labels.contains(&label),
+            "`{label}` is not an ImageNet label"
+        );
     }
 }
 
 #[test]
 fn json_output_is_sorted_probabilities() {
-    let out = run(&["--device", "cpu", "--weights", "tests/fixtures/tv_small.pth", "--json", "--top-k", "3", "assets/coffee.png"], &[]);
+    let out = run(
+        &[
+            "--device",
+            "cpu",
+            "--weights",
+            "tests/fixtures/tv_small.pth",
+            "--json",
+            "--top-k",
+            "3",
+            "assets/coffee.png",
+        ],
+        &[],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let top = v[0]["top"].as_array().unwrap();
     assert_eq!(v[0]["image"], "assets/coffee.png");
     assert_eq!(top.len(), 3);
-    let p: Vec<f64> = top.iter().map(|t| t["probability"].as_f64().unwrap()).collect();
-    assert!(p.windows(2).all(|w| w[0] >= w[1]) && p.iter().sum::<f64>() <= 1.0 + 1e-6, "{p:?}");
+    let p: Vec<f64> = top
+        .iter()
+        .map(|t| t["probability"].as_f64().unwrap())
+        .collect();
+    assert!(
+        p.windows(2).all(|w| w[0] >= w[1]) && p.iter().sum::<f64>() <= 1.0 + 1e-6,
+        "{p:?}"
+    );
 }
 
 #[test]
@@ -107,29 +145,68 @@ fn registry_default_comes_through_the_hub_env_and_then_offline() {
         etag: None,
     }]);
     let endpoint = server.endpoint().to_string();
-    let out = run(&["--device", "cpu"], &[("HF_ENDPOINT", &endpoint), ("HF_HUB_CACHE", cache_s)]);
+    let out = run(
+        &["--device", "cpu"],
+        &[("HF_ENDPOINT", &endpoint), ("HF_HUB_CACHE", cache_s)],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with(&format!("{}/assets/chelsea.png", root().display())));
     drop(server);
-    let out = run(&["--device", "cpu"], &[("HF_ENDPOINT", &endpoint), ("HF_HUB_CACHE", cache_s), ("HF_HUB_OFFLINE", "1")]);
-    assert!(out.status.success(), "offline from the cache: {}", text(&out.stderr));
+    let out = run(
+        &["--device", "cpu"],
+        &[
+            ("HF_ENDPOINT", &endpoint),
+            ("HF_HUB_CACHE", cache_s),
+            ("HF_HUB_OFFLINE", "1"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "offline from the cache: {}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
 fn failures_exit_nonzero_with_a_named_cause() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().to_str().unwrap();
-    let out = run(&["--device", "cpu"], &[("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HUB_CACHE", cache)]);
+    let out = run(
+        &["--device", "cpu"],
+        &[
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+            ("HF_HUB_CACHE", cache),
+        ],
+    );
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("theunnecessarythings/vision_models") && stderr.contains("HF_HUB_OFFLINE"), "{stderr}");
+    assert!(
+        stderr.contains("theunnecessarythings/vision_models") && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
 
-    let out = run(&["--device", "cpu", "--weights", "tests/fixtures/tv_small.pth", "Cargo.toml", "assets/coffee.png"], &[]);
+    let out = run(
+        &[
+            "--device",
+            "cpu",
+            "--weights",
+            "tests/fixtures/tv_small.pth",
+            "Cargo.toml",
+            "assets/coffee.png",
+        ],
+        &[],
+    );
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("Cargo.toml: not a readable image"), "{stderr}");
+    assert!(
+        stderr.contains("Cargo.toml: not a readable image"),
+        "{stderr}"
+    );
     assert!(stderr.contains("1 of 2 images"), "{stderr}");
-    assert!(text(&out.stdout).contains("assets/coffee.png"), "the good image is still classified");
+    assert!(
+        text(&out.stdout).contains("assets/coffee.png"),
+        "the good image is still classified"
+    );
 
     let out = run(&["--device", "tpu"], &[]);
     assert!(!out.status.success());

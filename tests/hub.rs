@@ -55,13 +55,19 @@ fn downloads_then_serves_from_cache_without_the_server() {
     let (bytes, model) = checkpoint_bytes();
     let sha = sha256_hex(&bytes);
     let cache = tempfile::tempdir().unwrap();
-    let file = HubFile::new(REPO, FILE).with_revision(COMMIT).with_sha256(&sha);
+    let file = HubFile::new(REPO, FILE)
+        .with_revision(COMMIT)
+        .with_sha256(&sha);
 
     let server = HubServer::start(vec![served(&bytes)]);
     let endpoint = server.endpoint().to_string();
     let path = hub(&endpoint, cache.path()).get(&file).unwrap();
     assert!(server.requests() >= 1, "nothing was downloaded");
-    assert!(path.starts_with(cache.path()), "{} is outside the cache", path.display());
+    assert!(
+        path.starts_with(cache.path()),
+        "{} is outside the cache",
+        path.display()
+    );
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
     let loaded = Checkpoint::open(&path).unwrap().load(&Device::Cpu).unwrap();
     assert_eq!(logits(&loaded), logits(&model));
@@ -70,8 +76,17 @@ fn downloads_then_serves_from_cache_without_the_server() {
     // Same settings: served from the cache, checksum checked again.
     assert_eq!(hub(&endpoint, cache.path()).get(&file).unwrap(), path);
     // Offline mode, and an endpoint nobody listens on: still the cache, no network.
-    assert_eq!(hub(&endpoint, cache.path()).offline(true).get(&file).unwrap(), path);
-    assert_eq!(hub("http://127.0.0.1:9", cache.path()).get(&file).unwrap(), path);
+    assert_eq!(
+        hub(&endpoint, cache.path())
+            .offline(true)
+            .get(&file)
+            .unwrap(),
+        path
+    );
+    assert_eq!(
+        hub("http://127.0.0.1:9", cache.path()).get(&file).unwrap(),
+        path
+    );
 }
 
 #[test]
@@ -81,15 +96,22 @@ fn pinned_revisions_are_cached_separately() {
     let server = HubServer::start(vec![served(&bytes)]);
     let h = hub(server.endpoint(), cache.path());
     let main = h.get(&HubFile::new(REPO, FILE)).unwrap();
-    let pinned = h.get(&HubFile::new(REPO, FILE).with_revision(COMMIT)).unwrap();
+    let pinned = h
+        .get(&HubFile::new(REPO, FILE).with_revision(COMMIT))
+        .unwrap();
     // Both resolve to the snapshot of the commit the server reports.
     assert_eq!(main, pinned);
     assert!(pinned.to_string_lossy().contains(COMMIT));
     // A revision the hub does not have is an error that names it.
-    let err = h.get(&HubFile::new(REPO, FILE).with_revision("v9")).unwrap_err();
+    let err = h
+        .get(&HubFile::new(REPO, FILE).with_revision("v9"))
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Hub { .. }), "{msg}");
-    assert!(msg.contains("revision `v9`") && msg.contains(REPO) && msg.contains(FILE), "{msg}");
+    assert!(
+        msg.contains("revision `v9`") && msg.contains(REPO) && msg.contains(FILE),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -103,7 +125,10 @@ fn checksum_mismatch_is_an_error() {
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Checksum { .. }), "{msg}");
-    assert!(msg.contains(&wrong) && msg.contains(&sha256_hex(&bytes)), "{msg}");
+    assert!(
+        msg.contains(&wrong) && msg.contains(&sha256_hex(&bytes)),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -115,7 +140,14 @@ fn unreachable_hub_names_repo_file_and_the_way_out() {
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Hub { .. }), "{msg}");
-    for needle in [REPO, FILE, "http://127.0.0.1:9", "HF_ENDPOINT", "HF_HUB_OFFLINE", "--weights"] {
+    for needle in [
+        REPO,
+        FILE,
+        "http://127.0.0.1:9",
+        "HF_ENDPOINT",
+        "HF_HUB_OFFLINE",
+        "--weights",
+    ] {
         assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
     }
     // Offline with a cold cache: says so, without trying the network.
@@ -141,7 +173,9 @@ fn registry_default_resolves_through_the_hub() {
     // The registry's default names a hub repo and file; serve a (small) checkpoint there and
     // check that the registry path downloads and loads it.
     let (bytes, model) = checkpoint_bytes();
-    let file = Pretrained::default().hub_file().expect("the default has a hub file");
+    let file = Pretrained::default()
+        .hub_file()
+        .expect("the default has a hub file");
     let cache = tempfile::tempdir().unwrap();
     let server = HubServer::start(vec![ServedFile {
         repo: file.repo.clone(),
@@ -149,7 +183,9 @@ fn registry_default_resolves_through_the_hub() {
         bytes,
         etag: None,
     }]);
-    let path = Pretrained::default().fetch(&hub(server.endpoint(), cache.path())).unwrap();
+    let path = Pretrained::default()
+        .fetch(&hub(server.endpoint(), cache.path()))
+        .unwrap();
     let loaded = Checkpoint::open(path).unwrap().load(&Device::Cpu).unwrap();
     assert_eq!(logits(&loaded), logits(&model));
 }

@@ -8,21 +8,37 @@ use candle_zoo::preprocess::{Preprocess, Preset};
 use candle_zoo::Error;
 
 fn asset(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("assets")
+        .join(name)
 }
 
 #[test]
 fn bundled_photos_load_in_both_presets() {
     let paths = [asset("chelsea.png"), asset("coffee.png")];
-    let tv = Preprocess::torchvision().load_batch(&paths, &Device::Cpu).unwrap();
+    let tv = Preprocess::torchvision()
+        .load_batch(&paths, &Device::Cpu)
+        .unwrap();
     assert_eq!(tv.dims(), &[2, 3, 224, 224]);
     // Normalised: roughly zero-mean, unit-scale values.
     let mean = tv.mean_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(mean.abs() < 1.5, "{mean}");
-    let caffe = Preset::Caffe.pipeline().load(&paths[0], &Device::Cpu).unwrap();
+    let caffe = Preset::Caffe
+        .pipeline()
+        .load(&paths[0], &Device::Cpu)
+        .unwrap();
     assert_eq!(caffe.dims(), &[3, 227, 227]);
-    let max = caffe.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(max > 50.0 && max <= 256.0, "Caffe inputs are 0..255 minus the mean, got max {max}");
+    let max = caffe
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        max > 50.0 && max <= 256.0,
+        "Caffe inputs are 0..255 minus the mean, got max {max}"
+    );
 }
 
 #[test]
@@ -30,18 +46,32 @@ fn not_an_image_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("photo.jpg");
     std::fs::write(&path, "definitely not a jpeg").unwrap();
-    let err = Preprocess::torchvision().load(&path, &Device::Cpu).unwrap_err();
+    let err = Preprocess::torchvision()
+        .load(&path, &Device::Cpu)
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Image { .. }), "{msg}");
-    assert!(msg.contains("photo.jpg") && msg.contains("not a readable image"), "{msg}");
+    assert!(
+        msg.contains("photo.jpg") && msg.contains("not a readable image"),
+        "{msg}"
+    );
 
     // A PNG signature with nothing valid after it.
     let path = dir.path().join("broken.png");
     std::fs::write(&path, b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR").unwrap();
-    let msg = Preprocess::torchvision().load(&path, &Device::Cpu).unwrap_err().to_string();
-    assert!(msg.contains("broken.png") && msg.contains("not a readable image"), "{msg}");
+    let msg = Preprocess::torchvision()
+        .load(&path, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("broken.png") && msg.contains("not a readable image"),
+        "{msg}"
+    );
 
-    let msg = Preprocess::torchvision().load(dir.path().join("absent.png"), &Device::Cpu).unwrap_err().to_string();
+    let msg = Preprocess::torchvision()
+        .load(dir.path().join("absent.png"), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("absent.png"), "{msg}");
 }
 
@@ -50,7 +80,9 @@ fn too_small_an_image_is_named_with_its_size() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.png");
     image::RgbImage::new(12, 40).save(&path).unwrap();
-    let err = Preprocess::torchvision().load(&path, &Device::Cpu).unwrap_err();
+    let err = Preprocess::torchvision()
+        .load(&path, &Device::Cpu)
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::ImageTooSmall { .. }), "{msg}");
     assert!(msg.contains("tiny.png") && msg.contains("12x40"), "{msg}");
@@ -60,9 +92,15 @@ fn too_small_an_image_is_named_with_its_size() {
 fn grayscale_and_alpha_images_become_rgb() {
     let dir = tempfile::tempdir().unwrap();
     let gray = dir.path().join("gray.png");
-    image::GrayImage::from_pixel(64, 48, image::Luma([128])).save(&gray).unwrap();
+    image::GrayImage::from_pixel(64, 48, image::Luma([128]))
+        .save(&gray)
+        .unwrap();
     let rgba = dir.path().join("rgba.png");
-    image::RgbaImage::from_pixel(50, 70, image::Rgba([10, 20, 30, 0])).save(&rgba).unwrap();
-    let t = Preprocess::torchvision().load_batch(&[gray, rgba], &Device::Cpu).unwrap();
+    image::RgbaImage::from_pixel(50, 70, image::Rgba([10, 20, 30, 0]))
+        .save(&rgba)
+        .unwrap();
+    let t = Preprocess::torchvision()
+        .load_batch(&[gray, rgba], &Device::Cpu)
+        .unwrap();
     assert_eq!(t.dims(), &[2, 3, 224, 224]);
 }

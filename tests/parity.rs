@@ -17,8 +17,10 @@ const TOLERANCE: f64 = 1e-5;
 fn fixtures() -> (Value, std::collections::HashMap<String, Tensor>) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
     let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/parity.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(format!("{dir}/parity.safetensors"), &Device::Cpu).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/parity.json")).unwrap())
+            .unwrap();
+    let tensors =
+        candle_core::safetensors::load(format!("{dir}/parity.safetensors"), &Device::Cpu).unwrap();
     (meta, tensors)
 }
 
@@ -50,10 +52,19 @@ fn check_case(name: &str) {
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("no fixture case {name}; rerun scripts/make_fixtures.py"));
     let layout: Layout = case["layout"].as_str().unwrap().parse().unwrap();
-    let ints = |v: &Value| -> Vec<usize> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect() };
+    let ints = |v: &Value| -> Vec<usize> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect()
+    };
     let ch = ints(&case["channels"]);
     let config = Config::for_layout(layout)
-        .with_widths([ch[0], ch[1], ch[2], ch[3], ch[4]], case["hidden"].as_u64().unwrap() as usize)
+        .with_widths(
+            [ch[0], ch[1], ch[2], ch[3], ch[4]],
+            case["hidden"].as_u64().unwrap() as usize,
+        )
         .with_classes(case["classes"].as_u64().unwrap() as usize);
 
     // Load as a user would: the layout comes from the keys (CaffeNet's order cannot, so it is
@@ -70,13 +81,19 @@ fn check_case(name: &str) {
 
     let dims = ints(&case["input"]);
     let n: usize = dims.iter().product();
-    let x = Tensor::from_vec(det_values("input", n, case["input_bound"].as_f64().unwrap()), dims.as_slice(), &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
+    let x = Tensor::from_vec(
+        det_values("input", n, case["input_bound"].as_f64().unwrap()),
+        dims.as_slice(),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .to_dtype(DType::F32)
+    .unwrap();
     assert_eq!(
         sample(&x, samples),
-        fx[&format!("{name}/input.sample")].to_vec1::<f32>().unwrap(),
+        fx[&format!("{name}/input.sample")]
+            .to_vec1::<f32>()
+            .unwrap(),
         "the input formula differs from the script's"
     );
 
@@ -84,8 +101,14 @@ fn check_case(name: &str) {
     let mut report = Vec::new();
     for (layer, got) in Layer::ALL.iter().zip(&taps) {
         let key = layer.name();
-        assert_eq!(got.dims(), ints(&case["shapes"][key]).as_slice(), "{name}/{key} shape");
-        let want = fx[&format!("{name}/{key}.sample")].to_vec1::<f32>().unwrap();
+        assert_eq!(
+            got.dims(),
+            ints(&case["shapes"][key]).as_slice(),
+            "{name}/{key} shape"
+        );
+        let want = fx[&format!("{name}/{key}.sample")]
+            .to_vec1::<f32>()
+            .unwrap();
         let err = rel_err(&sample(got, samples), &want);
         let want_norms = fx[&format!("{name}/{key}.stats")].to_vec1::<f64>().unwrap();
         let got_norms = norms(got);
@@ -93,14 +116,26 @@ fn check_case(name: &str) {
             .map(|i| (got_norms[i] - want_norms[i]).abs() / want_norms[i].max(f64::MIN_POSITIVE))
             .fold(0f64, f64::max);
         report.push(format!("{key} {err:.1e}/{norm_err:.1e}"));
-        assert!(err <= TOLERANCE, "{name}/{key}: relative error {err:e} > {TOLERANCE:e}");
-        assert!(norm_err <= TOLERANCE, "{name}/{key}: norms {got_norms:?} vs {want_norms:?}");
+        assert!(
+            err <= TOLERANCE,
+            "{name}/{key}: relative error {err:e} > {TOLERANCE:e}"
+        );
+        assert!(
+            norm_err <= TOLERANCE,
+            "{name}/{key}: norms {got_norms:?} vs {want_norms:?}"
+        );
     }
     // The single-tap path and `forward` agree with the multi-tap pass.
     let logits = candle_nn::Module::forward(&model, &x).unwrap();
-    assert_eq!(logits.to_vec2::<f32>().unwrap(), taps[8].to_vec2::<f32>().unwrap());
+    assert_eq!(
+        logits.to_vec2::<f32>().unwrap(),
+        taps[8].to_vec2::<f32>().unwrap()
+    );
     let fc7 = model.extract(&x, Layer::Fc7).unwrap();
-    assert_eq!(fc7.to_vec2::<f32>().unwrap(), taps[7].to_vec2::<f32>().unwrap());
+    assert_eq!(
+        fc7.to_vec2::<f32>().unwrap(),
+        taps[7].to_vec2::<f32>().unwrap()
+    );
     println!("{name}: sample/norm relative errors: {}", report.join(", "));
 }
 

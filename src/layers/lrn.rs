@@ -48,7 +48,10 @@ impl LocalResponseNorm {
 impl Module for LocalResponseNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.rank() < 2 {
-            candle_core::bail!("LocalResponseNorm needs a channel dim (N, C, ...), got {:?}", x.dims());
+            candle_core::bail!(
+                "LocalResponseNorm needs a channel dim (N, C, ...), got {:?}",
+                x.dims()
+            );
         }
         let channels = x.dim(1)?;
         let sq = x.sqr()?;
@@ -88,9 +91,14 @@ mod tests {
     #[test]
     fn matches_formula_including_edges_and_even_size() -> Result<()> {
         let (c, hw) = (7, 3);
-        let data: Vec<f32> = (0..c * hw).map(|i| ((i * 37 % 23) as f32 - 11.0) * 9.0).collect();
+        let data: Vec<f32> = (0..c * hw)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 9.0)
+            .collect();
         let x = Tensor::from_vec(data.clone(), (1, c, 1, hw), &Device::Cpu)?;
-        for lrn in [LocalResponseNorm::alexnet(), LocalResponseNorm::new(4, 0.3, 0.6, 2.0)] {
+        for lrn in [
+            LocalResponseNorm::alexnet(),
+            LocalResponseNorm::new(4, 0.3, 0.6, 2.0),
+        ] {
             let got = lrn.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
             let want = reference(&data, c, hw, &lrn);
             for (g, w) in got.iter().zip(&want) {
@@ -103,13 +111,20 @@ mod tests {
     #[test]
     fn gradient_matches_finite_differences() -> Result<()> {
         let lrn = LocalResponseNorm::new(3, 0.5, 0.75, 1.0);
-        let data: Vec<f64> = (0..6).map(|i| 0.3 + 0.4 * i as f64 - 0.1 * (i * i) as f64).collect();
+        let data: Vec<f64> = (0..6)
+            .map(|i| 0.3 + 0.4 * i as f64 - 0.1 * (i * i) as f64)
+            .collect();
         let x = candle_core::Var::from_vec(data.clone(), (1, 6, 1, 1), &Device::Cpu)?;
         // A weighted sum so that each output contributes differently to the loss.
         let w = Tensor::arange(1f64, 7., &Device::Cpu)?.reshape((1, 6, 1, 1))?;
-        let loss = |t: &Tensor| -> Result<f64> { (lrn.forward(t)? * &w)?.sum_all()?.to_scalar::<f64>() };
+        let loss =
+            |t: &Tensor| -> Result<f64> { (lrn.forward(t)? * &w)?.sum_all()?.to_scalar::<f64>() };
         let grads = (lrn.forward(x.as_tensor())? * &w)?.sum_all()?.backward()?;
-        let g = grads.get(&x).expect("gradient for x").flatten_all()?.to_vec1::<f64>()?;
+        let g = grads
+            .get(&x)
+            .expect("gradient for x")
+            .flatten_all()?
+            .to_vec1::<f64>()?;
         let eps = 1e-6;
         for i in 0..data.len() {
             let shifted = |d: f64| -> Result<f64> {
@@ -118,7 +133,11 @@ mod tests {
                 loss(&Tensor::from_vec(v, (1, 6, 1, 1), &Device::Cpu)?)
             };
             let numeric = (shifted(eps)? - shifted(-eps)?) / (2.0 * eps);
-            assert!((g[i] - numeric).abs() < 1e-6, "d/dx{i}: {} vs {numeric}", g[i]);
+            assert!(
+                (g[i] - numeric).abs() < 1e-6,
+                "d/dx{i}: {} vs {numeric}",
+                g[i]
+            );
         }
         Ok(())
     }

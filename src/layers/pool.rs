@@ -16,7 +16,11 @@ use candle_nn::Module;
 /// ```
 pub fn pooled_size(input: usize, kernel: usize, stride: usize, ceil_mode: bool) -> Option<usize> {
     let span = input.checked_sub(kernel)?;
-    let mut out = if ceil_mode { span.div_ceil(stride) } else { span / stride } + 1;
+    let mut out = if ceil_mode {
+        span.div_ceil(stride)
+    } else {
+        span / stride
+    } + 1;
     // A last window must start inside the input (it can only start past it with padding,
     // but keep PyTorch's rule so that the two agree for every size).
     if ceil_mode && (out - 1) * stride >= input {
@@ -132,7 +136,9 @@ mod tests {
     #[test]
     fn adaptive_matches_bins_for_odd_sizes() -> Result<()> {
         for (h, w) in [(13, 13), (7, 9), (3, 4), (6, 6), (14, 11)] {
-            let data: Vec<f32> = (0..h * w).map(|i| ((i * 7919) % 101) as f32 / 10.0).collect();
+            let data: Vec<f32> = (0..h * w)
+                .map(|i| ((i * 7919) % 101) as f32 / 10.0)
+                .collect();
             let x = Tensor::from_vec(data.clone(), (1, 1, h, w), &Device::Cpu)?;
             let got = AdaptiveAvgPool2d::new(6, 6).forward(&x)?;
             assert_eq!(got.dims(), &[1, 1, 6, 6]);
@@ -148,8 +154,12 @@ mod tests {
     fn ceil_mode_keeps_last_partial_window() -> Result<()> {
         // 4x4 input, 3x3/2: floor gives 1x1, ceil 2x2 with the last window clipped.
         let x = Tensor::arange(0f32, 16., &Device::Cpu)?.reshape((1, 1, 4, 4))?;
-        let floor = max_pool2d(&x, 3, 2, false)?.flatten_all()?.to_vec1::<f32>()?;
-        let ceil = max_pool2d(&x, 3, 2, true)?.flatten_all()?.to_vec1::<f32>()?;
+        let floor = max_pool2d(&x, 3, 2, false)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let ceil = max_pool2d(&x, 3, 2, true)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(floor, vec![10.0]);
         assert_eq!(ceil, vec![10.0, 11.0, 14.0, 15.0]);
         Ok(())
@@ -161,7 +171,11 @@ mod tests {
         let x = Var::from_tensor(&Tensor::ones((1, 1, 3, 1), DType::F32, &Device::Cpu)?)?;
         let y = AdaptiveAvgPool2d::new(2, 1).forward(x.as_tensor())?;
         let grads = y.sum_all()?.backward()?;
-        let g = grads.get(&x).expect("gradient").flatten_all()?.to_vec1::<f32>()?;
+        let g = grads
+            .get(&x)
+            .expect("gradient")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(g, vec![0.5, 1.0, 0.5]);
         Ok(())
     }

@@ -30,7 +30,10 @@ pub struct HubServer {
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 impl HubServer {
@@ -121,14 +124,21 @@ fn serve(stream: TcpStream, files: &[ServedFile]) -> std::io::Result<()> {
         Some(r) => {
             let (a, b) = r.split_once('-').unwrap_or((r, ""));
             let a: usize = a.parse().unwrap_or(0);
-            let b: usize = b.parse().map(|b: usize| b.min(total - 1)).unwrap_or(total - 1);
+            let b: usize = b
+                .parse()
+                .map(|b: usize| b.min(total - 1))
+                .unwrap_or(total - 1);
             (a, b)
         }
         None => (0, total - 1),
     };
     let etag = f.etag.clone().unwrap_or_else(|| sha256_hex(&f.bytes));
     let body = &f.bytes[start..=end];
-    let status = if range.is_some() { "206 Partial Content" } else { "200 OK" };
+    let status = if range.is_some() {
+        "206 Partial Content"
+    } else {
+        "200 OK"
+    };
     write!(
         out,
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{total}\r\n\

@@ -10,8 +10,9 @@ use candle_nn::VarBuilder;
 use candle_zoo::alexnet::{Config, Layout};
 
 pub fn fnv1a32(name: &str) -> u32 {
-    name.bytes()
-        .fold(0x811C9DC5u32, |h, b| (h ^ b as u32).wrapping_mul(0x01000193))
+    name.bytes().fold(0x811C9DC5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x01000193)
+    })
 }
 
 /// `n` f32 values in `[-bound, bound)`, a pure function of `(name, index)`: the same formula as
@@ -52,7 +53,10 @@ pub fn det_weights(config: &Config) -> HashMap<String, Tensor> {
         let n: usize = shape.iter().product();
         let w = det_values(&w_key, n, (6.0 / fan_in as f64).sqrt());
         let b = det_values(&b_key, shape[0], 0.1);
-        map.insert(w_key, Tensor::from_vec(w, shape.as_slice(), &Device::Cpu).unwrap());
+        map.insert(
+            w_key,
+            Tensor::from_vec(w, shape.as_slice(), &Device::Cpu).unwrap(),
+        );
         map.insert(b_key, Tensor::from_vec(b, shape[0], &Device::Cpu).unwrap());
     }
     map
@@ -72,7 +76,10 @@ pub fn small(layout: Layout) -> Config {
 /// `max |a - b| / max |b|`: the error relative to the tensor's scale.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs() as f64)).max(f64::MIN_POSITIVE);
+    let scale = b
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs() as f64))
+        .max(f64::MIN_POSITIVE);
     let diff = a
         .iter()
         .zip(b)

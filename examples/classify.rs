@@ -10,7 +10,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_nn::Module;
 use candle_zoo::{cli::ModelArgs, device, imagenet};
 use clap::Parser;
 
@@ -70,9 +69,8 @@ fn main() -> Result<()> {
         let top = loaded
             .preprocess
             .load(path, &device)
-            .and_then(|x| Ok(loaded.model.forward(&x.unsqueeze(0)?)?))
-            .and_then(|logits| Ok(candle_nn::ops::softmax(&logits.get(0)?, 0)?))
-            .and_then(|probs| imagenet::top_k(&probs, args.top_k));
+            .and_then(|x| loaded.model.top_k(&x.unsqueeze(0)?, args.top_k))
+            .map(|mut rows| rows.remove(0));
         let name = path.display().to_string();
         let label = |i: usize| match classes.get(i) {
             Some(l) if loaded.model.num_classes() == classes.len() => l.to_string(),

@@ -546,6 +546,15 @@ impl AlexNet {
         self.run(x, layer, false, |_, _| {})
     }
 
+    /// The `k` most probable classes of each image of a preprocessed batch, as
+    /// `(class, probability)` pairs, most probable first.
+    pub fn top_k(&self, x: &Tensor, k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
+        let probs = candle_nn::ops::softmax(&self.forward(x)?, 1)?;
+        (0..probs.dim(0)?)
+            .map(|i| crate::imagenet::top_k(&probs.get(i)?, k))
+            .collect()
+    }
+
     /// The outputs of several layers from one forward pass that stops at the deepest of them.
     /// Results come in the order of `layers`.
     pub fn extract_many(&self, x: &Tensor, layers: &[Layer]) -> Result<Vec<Tensor>> {
@@ -694,13 +703,11 @@ fn params(
 /// Turns candle's loading errors into ones that name the checkpoint key.
 pub(crate) fn map_load_error(e: candle_core::Error, key: &str) -> Error {
     let mut inner = &e;
-    loop {
-        match inner {
-            candle_core::Error::WithBacktrace { inner: i, .. }
-            | candle_core::Error::Context { inner: i, .. }
-            | candle_core::Error::WithPath { inner: i, .. } => inner = i,
-            _ => break,
-        }
+    while let candle_core::Error::WithBacktrace { inner: i, .. }
+    | candle_core::Error::Context { inner: i, .. }
+    | candle_core::Error::WithPath { inner: i, .. } = inner
+    {
+        inner = i;
     }
     match inner {
         candle_core::Error::CannotFindTensor { .. } => Error::MissingKey {

@@ -54,18 +54,8 @@ pub enum Error {
     },
 
     /// The hub could not be reached or refused the file.
-    #[error(
-        "could not fetch `{file}` from hub repo `{repo}` (revision `{revision}`) at {endpoint}: {reason}\n\
-         hint: a machine without network can use a warm cache (set HF_HUB_OFFLINE=1, HF_HOME or \
-         HF_HUB_CACHE), point HF_ENDPOINT at a mirror, or pass a local file with --weights"
-    )]
-    Hub {
-        repo: String,
-        file: String,
-        revision: String,
-        endpoint: String,
-        reason: String,
-    },
+    #[error(transparent)]
+    Hub(Box<HubError>),
 
     /// Offline mode was requested and the file is not in the cache.
     #[error(
@@ -107,6 +97,21 @@ pub enum Error {
     /// An error raised inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// Why a hub download failed, with what was asked of which hub.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "could not fetch `{file}` from hub repo `{repo}` (revision `{revision}`) at {endpoint}: {reason}\n\
+     hint: a machine without network can use a warm cache (set HF_HUB_OFFLINE=1, HF_HOME or \
+     HF_HUB_CACHE), point HF_ENDPOINT at a mirror, or pass a local file with --weights"
+)]
+pub struct HubError {
+    pub repo: String,
+    pub file: String,
+    pub revision: String,
+    pub endpoint: String,
+    pub reason: String,
 }
 
 fn hint_suffix(hint: &str) -> String {

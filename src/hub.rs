@@ -25,7 +25,7 @@ use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, HubError, Result};
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 
@@ -152,12 +152,14 @@ impl Hub {
     }
 
     fn download(&self, repo: Repo, file: &HubFile) -> Result<PathBuf> {
-        let hub_err = |reason: String| Error::Hub {
-            repo: file.repo.clone(),
-            file: file.file.clone(),
-            revision: file.revision.clone(),
-            endpoint: self.endpoint.clone(),
-            reason,
+        let hub_err = |reason: String| {
+            Error::Hub(Box::new(HubError {
+                repo: file.repo.clone(),
+                file: file.file.clone(),
+                revision: file.revision.clone(),
+                endpoint: self.endpoint.clone(),
+                reason,
+            }))
         };
         let api = ApiBuilder::from_cache(Cache::new(self.cache_dir.clone()))
             .with_endpoint(self.endpoint.clone())

@@ -39,4 +39,4 @@ pub mod preprocess;
 pub mod weights;
 
 pub use alexnet::{AlexNet, Config, Layer, Layout};
-pub use error::{Error, Result};
+pub use error::{Error, HubError, Result};

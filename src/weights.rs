@@ -296,10 +296,11 @@ fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize
     Ok(filled)
 }
 
-/// Keys, string metadata and the byte length of the data section of a safetensors header.
-fn parse_safetensors_header(
-    header: &[u8],
-) -> std::result::Result<(Vec<String>, BTreeMap<String, String>, u64), String> {
+/// What a safetensors header tells: sorted keys, string metadata, and the byte length of the
+/// data section.
+type HeaderInfo = (Vec<String>, BTreeMap<String, String>, u64);
+
+fn parse_safetensors_header(header: &[u8]) -> std::result::Result<HeaderInfo, String> {
     let json: serde_json::Value = serde_json::from_slice(header).map_err(|e| e.to_string())?;
     let obj = json.as_object().ok_or("the header is not a JSON object")?;
     let mut keys = Vec::new();

@@ -64,10 +64,11 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, ceil_mode: bool) -> 
 /// use candle_nn::Module;
 /// use candle_zoo::layers::AdaptiveAvgPool2d;
 ///
-/// let x = Tensor::arange(0f32, 25., &Device::Cpu)?.reshape((1, 1, 5, 5))?;
-/// let y = AdaptiveAvgPool2d::new(2, 2).forward(&x)?;
-/// // Overlapping bins: rows 0..3 and 2..5.
-/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![6.0, 8.0, 16.0, 18.0]);
+/// let x = Tensor::arange(0f32, 16., &Device::Cpu)?.reshape((1, 1, 4, 4))?;
+/// let y = AdaptiveAvgPool2d::new(3, 3).forward(&x)?;
+/// // Overlapping bins: rows (and columns) 0..2, 1..3 and 2..4.
+/// let want = [2.5, 3.5, 4.5, 6.5, 7.5, 8.5, 10.5, 11.5, 12.5];
+/// assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, want);
 /// # Ok::<(), candle_core::Error>(())
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -202,6 +202,16 @@ def main():
                               "input_bound": input_bound(layout),
                               "shapes": {k: list(taps[k].shape) for k in TAPS}})
         print(f"{name}: logits[0,:3] = {taps['logits'][0, :3].tolist()}")
+    # torchvision's own preprocessing of the bundled photos (PIL open, Resize(256), CenterCrop(224),
+    # ToTensor, Normalize), to check candle-zoo's pipeline against.
+    from PIL import Image
+    from torchvision import transforms as T
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    for photo in ["chelsea.png", "coffee.png"]:
+        x = tf(Image.open(os.path.join(ROOT, "assets", photo)).convert("RGB"))
+        tensors[f"preprocess/{photo}.sample"] = sample(x)
+        tensors[f"preprocess/{photo}.stats"] = stats(x)
     os.makedirs(OUT, exist_ok=True)
     # A PyTorch checkpoint as torchvision ships them (a zip-format state_dict), small, and one in
     # the legacy pre-1.6 format that candle cannot read, for the error test.

@@ -90,15 +90,19 @@ fn safetensors_round_trip_and_layout_metadata() {
         &caffenet.named_tensors(),
         &[(META_LAYOUT, "torchvision")],
     );
-    let err = Checkpoint::open(&lying)
-        .unwrap()
-        .load(&Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let err = load_error(&lying).to_string();
     assert!(
         err.contains("lying.safetensors") && err.contains("metadata says layout `torchvision`"),
         "{err}"
     );
+}
+
+/// The error of loading `path`, which must open (its header is fine) but not load.
+fn load_error(path: &Path) -> Error {
+    Checkpoint::open(path)
+        .unwrap()
+        .load(&Device::Cpu)
+        .unwrap_err()
 }
 
 fn caffe_tensors() -> Vec<(String, Tensor)> {
@@ -115,10 +119,7 @@ fn missing_key_names_the_key_and_file() {
         .filter(|(k, _)| k != "conv4.bias")
         .collect();
     let path = save(dir.path(), "partial.safetensors", &tensors, &[]);
-    let err = Checkpoint::open(&path)
-        .unwrap()
-        .load(&Device::Cpu)
-        .unwrap_err();
+    let err = load_error(&path);
     let msg = err.to_string();
     assert!(matches!(err, Error::MissingKey { .. }), "{msg}");
     assert!(
@@ -145,11 +146,7 @@ fn wrong_shape_names_the_key_and_both_shapes() {
         })
         .collect();
     let path = save(dir.path(), "shape.safetensors", &tensors, &[]);
-    let msg = Checkpoint::open(&path)
-        .unwrap()
-        .load(&Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let msg = load_error(&path).to_string();
     assert!(
         msg.contains("shape.safetensors") && msg.contains("`conv2.weight`"),
         "{msg}"
@@ -170,11 +167,7 @@ fn unknown_keys_are_not_an_alexnet() {
         &[("encoder.layer.0".into(), t)],
         &[],
     );
-    let msg = Checkpoint::open(&path)
-        .unwrap()
-        .load(&Device::Cpu)
-        .unwrap_err()
-        .to_string();
+    let msg = load_error(&path).to_string();
     assert!(
         msg.contains("not an AlexNet checkpoint") && msg.contains("encoder.layer.0"),
         "{msg}"

@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_zoo::alexnet::{AlexNet, Config, Layer, Layout};
-use common::{det_values, det_var_builder, rel_err};
+use common::{det_values, det_var_builder, rel_err, sample};
 use serde_json::Value;
 
 const TOLERANCE: f64 = 1e-5;
@@ -19,20 +19,7 @@ fn fixtures() -> (Value, std::collections::HashMap<String, Tensor>) {
     let meta: Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/parity.json")).unwrap())
             .unwrap();
-    let tensors =
-        candle_core::safetensors::load(format!("{dir}/parity.safetensors"), &Device::Cpu).unwrap();
-    (meta, tensors)
-}
-
-/// The script's strided sample: everything below `2 * samples` values, else every
-/// `numel / samples`-th value, `samples` of them.
-fn sample(t: &Tensor, samples: usize) -> Vec<f32> {
-    let flat = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    if flat.len() < 2 * samples {
-        return flat;
-    }
-    let stride = flat.len() / samples;
-    flat.into_iter().step_by(stride).take(samples).collect()
+    (meta, common::parity_tensors())
 }
 
 fn norms(t: &Tensor) -> [f64; 2] {

@@ -86,3 +86,23 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
         .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()));
     diff / scale
 }
+
+/// The tensors of `tests/fixtures/parity.safetensors`.
+pub fn parity_tensors() -> HashMap<String, Tensor> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/parity.safetensors"
+    );
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// The script's strided sample: everything below `2 * samples` values, else every
+/// `numel / samples`-th value, `samples` of them.
+pub fn sample(t: &Tensor, samples: usize) -> Vec<f32> {
+    let flat = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    if flat.len() < 2 * samples {
+        return flat;
+    }
+    let stride = flat.len() / samples;
+    flat.into_iter().step_by(stride).take(samples).collect()
+}

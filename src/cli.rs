@@ -120,10 +120,10 @@ impl ModelArgs {
         };
         let ckpt = Checkpoint::open(&path)?;
         let model = ckpt.load_as(layout, device)?;
+        // --preprocess, else the registry's, else the file's metadata, else the layout's preset.
         let preset = match (self.preprocess, preset) {
             (Some(p), _) | (None, Some(p)) => p,
-            (None, None) if self.layout.is_some() => Preset::for_layout(model.layout()),
-            (None, None) => ckpt.preset()?,
+            (None, None) => ckpt.preset_for(model.layout())?,
         };
         Ok(LoadedModel {
             model,

@@ -212,19 +212,25 @@ impl Checkpoint {
         AlexNet::new(&config, vb).map_err(|e| self.with_path(e))
     }
 
-    /// The preprocessing the weights expect: from metadata, else the layout's preset.
+    /// The preprocessing the weights expect: from metadata, else the preset of the layout the
+    /// file implies.
     pub fn preset(&self) -> Result<Preset> {
-        if let Some(p) = self.metadata.get(META_PREPROCESS) {
-            return p.parse();
+        let caffe_keys = self.keys.iter().any(|k| k == "conv1.weight");
+        let implied = if caffe_keys {
+            Layout::AlexNet
+        } else {
+            Layout::TorchVision
+        };
+        self.preset_for(self.layout_hint()?.unwrap_or(implied))
+    }
+
+    /// The preprocessing for the weights loaded as `layout`: from metadata, else the layout's
+    /// preset.
+    pub fn preset_for(&self, layout: Layout) -> Result<Preset> {
+        match self.metadata.get(META_PREPROCESS) {
+            Some(p) => p.parse(),
+            None => Ok(Preset::for_layout(layout)),
         }
-        let layout =
-            self.layout_hint()?
-                .unwrap_or(if self.keys.iter().any(|k| k == "conv1.weight") {
-                    Layout::AlexNet
-                } else {
-                    Layout::TorchVision
-                });
-        Ok(Preset::for_layout(layout))
     }
 
     /// [`Checkpoint::preset`] as a pipeline, falling back to torchvision's on bad metadata.

@@ -233,3 +233,40 @@ fn truncated_and_corrupt_files_are_refused_before_loading() {
         .to_string();
     assert!(msg.contains("absent.safetensors"), "{msg}");
 }
+
+#[test]
+fn preprocessing_follows_metadata_then_layout() {
+    use candle_zoo::preprocess::Preset;
+    use candle_zoo::weights::META_PREPROCESS;
+    let dir = tempfile::tempdir().unwrap();
+    let bare = save(dir.path(), "bare.safetensors", &caffe_tensors(), &[]);
+    let bare = Checkpoint::open(&bare).unwrap();
+    assert_eq!(bare.preset().unwrap(), Preset::Caffe);
+    let pth = Checkpoint::open(fixture("tv_small.pth")).unwrap();
+    assert_eq!(pth.preset().unwrap(), Preset::TorchVision);
+    // Metadata wins over the layout, whatever layout the weights are loaded as.
+    let tagged = save(
+        dir.path(),
+        "tagged.safetensors",
+        &caffe_tensors(),
+        &[(META_PREPROCESS, "torchvision")],
+    );
+    let tagged = Checkpoint::open(&tagged).unwrap();
+    assert_eq!(tagged.preset().unwrap(), Preset::TorchVision);
+    assert_eq!(
+        tagged.preset_for(Layout::CaffeNet).unwrap(),
+        Preset::TorchVision
+    );
+    let bad = save(
+        dir.path(),
+        "bad.safetensors",
+        &caffe_tensors(),
+        &[(META_PREPROCESS, "jpeg")],
+    );
+    let msg = Checkpoint::open(&bad)
+        .unwrap()
+        .preset()
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("unknown preprocessing preset `jpeg`"), "{msg}");
+}

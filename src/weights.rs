@@ -233,9 +233,20 @@ impl Checkpoint {
         }
     }
 
-    /// [`Checkpoint::preset`] as a pipeline, falling back to torchvision's on bad metadata.
+    /// [`Checkpoint::preset`] as a pipeline with the metadata's mean and crop overrides (see
+    /// [`Preprocess::with_metadata`]), falling back to torchvision's on bad metadata.
     pub fn preprocess(&self) -> Preprocess {
-        self.preset().unwrap_or(Preset::TorchVision).pipeline()
+        self.preset()
+            .and_then(|p| p.pipeline().with_metadata(&self.metadata))
+            .unwrap_or_else(|_| Preset::TorchVision.pipeline())
+    }
+
+    /// The pipeline for the weights loaded as `layout`: [`Checkpoint::preset_for`] with the
+    /// metadata's mean and crop overrides.
+    pub fn preprocess_for(&self, layout: Layout) -> Result<Preprocess> {
+        self.preset_for(layout)?
+            .pipeline()
+            .with_metadata(&self.metadata)
     }
 
     fn with_path(&self, e: Error) -> Error {
@@ -288,7 +299,38 @@ pub fn save_safetensors(
         .collect::<Result<Vec<_>>>()?;
     let meta = (!metadata.is_empty()).then(|| metadata.clone().into_iter().collect());
     let bytes = safetensors::serialize(cpu, meta).map_err(|e| Error::checkpoint(path, e))?;
+    let bytes = sorted_header(bytes).map_err(|e| Error::checkpoint(path, e))?;
     crate::io::write_atomic(path, &bytes)
+}
+
+/// Rewrites a safetensors header with its keys in sorted order. `safetensors` writes the
+/// metadata from a `HashMap`, in a different order on every run; sorted, the same tensors and
+/// metadata always give the same bytes, and so the same checksum.
+fn sorted_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
+    let sorted = |v: serde_json::Value| -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let map: BTreeMap<String, serde_json::Value> = map.into_iter().collect();
+                serde_json::to_value(map).expect("a map of JSON values")
+            }
+            v => v,
+        }
+    };
+    let header: BTreeMap<String, serde_json::Value> =
+        header.into_iter().map(|(k, v)| (k, sorted(v))).collect();
+    let mut json = serde_json::to_string(&header).map_err(|e| e.to_string())?;
+    // The data section starts 8-byte aligned, as safetensors pads it.
+    while json.len() % 8 != 0 {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -469,8 +511,9 @@ impl Pretrained {
     pub fn fetch(self, hub: &Hub) -> Result<PathBuf> {
         let file = self.hub_file().ok_or_else(|| {
             Error::Invalid(format!(
-                "`{}` has no safetensors copy on the hub; convert the original ({}) and pass it \
-                 as a local file (see weights/README.md)",
+                "`{}` has no safetensors copy on the hub; convert the original ({}) with \
+                 `cargo run --release --example convert` and pass it with --weights (see \
+                 weights/README.md)",
                 self.name(),
                 self.info().original
             ))

@@ -109,7 +109,7 @@ impl Layout {
     }
 
     /// Kernel, stride and padding of conv1..conv5.
-    fn conv_geometry(self) -> [(usize, usize, usize); 5] {
+    pub(crate) fn conv_geometry(self) -> [(usize, usize, usize); 5] {
         let conv1_pad = if self.is_caffe() { 0 } else { 2 };
         [
             (11, 4, conv1_pad),
@@ -306,7 +306,7 @@ impl Config {
     }
 
     /// Checks that an `(N, 3, H, W)` input fits the layout before any work is done.
-    fn check_input(&self, dims: &[usize]) -> Result<()> {
+    pub(crate) fn check_input(&self, dims: &[usize]) -> Result<()> {
         let err = |reason: String| Error::Input {
             shape: dims.to_vec(),
             reason,

@@ -121,13 +121,16 @@ impl ModelArgs {
         let ckpt = Checkpoint::open(&path)?;
         let model = ckpt.load_as(layout, device)?;
         // --preprocess, else the registry's, else the file's metadata, else the layout's preset.
-        let preset = match (self.preprocess, preset) {
-            (Some(p), _) | (None, Some(p)) => p,
-            (None, None) => ckpt.preset_for(model.layout())?,
+        let (preset, preprocess) = match (self.preprocess, preset) {
+            (Some(p), _) | (None, Some(p)) => (p, p.pipeline()),
+            (None, None) => (
+                ckpt.preset_for(model.layout())?,
+                ckpt.preprocess_for(model.layout())?,
+            ),
         };
         Ok(LoadedModel {
             model,
-            preprocess: preset.pipeline(),
+            preprocess,
             preset,
             path,
         })

@@ -6,6 +6,7 @@
 //! - [`layers`]: LRN and adaptive average pooling, which candle lacks;
 //! - [`weights`]: local checkpoints (safetensors, PyTorch `.pth`) and the registry of known
 //!   pretrained files; [`hub`]: downloads from the Hugging Face hub;
+//! - [`convert`]: Caffe `.caffemodel`, ONNX and PyTorch AlexNet weights to safetensors;
 //! - [`preprocess`]: image loading and the torchvision and Caffe input pipelines;
 //! - [`cli`] (feature `cli`, on by default): the flags the examples share;
 //! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection; [`io`]: atomic
@@ -29,6 +30,7 @@
 pub mod alexnet;
 #[cfg(feature = "cli")]
 pub mod cli;
+pub mod convert;
 pub mod device;
 mod error;
 pub mod hub;

@@ -12,6 +12,7 @@
 //! # Ok::<(), candle_zoo::Error>(())
 //! ```
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -21,6 +22,7 @@ use image::imageops::FilterType;
 use image::RgbImage;
 
 use crate::alexnet::Layout;
+use crate::convert::{META_CROP, META_MEAN};
 use crate::error::{Error, Result};
 
 /// How an image is resized before the centre crop.
@@ -132,6 +134,50 @@ impl Preprocess {
     /// The preset matching a layout's pretrained weights.
     pub fn for_layout(layout: Layout) -> Self {
         Preset::for_layout(layout).pipeline()
+    }
+
+    /// Applies the overrides that converted checkpoints record in their metadata:
+    /// `preprocess.mean` (`a,b,c` in the model's channel order, after scaling) and
+    /// `preprocess.crop` (the side of the centre crop).
+    ///
+    /// ```
+    /// use std::collections::BTreeMap;
+    /// use candle_zoo::preprocess::Preprocess;
+    /// let meta = BTreeMap::from([
+    ///     ("preprocess.mean".to_string(), "104,117,123".to_string()),
+    ///     ("preprocess.crop".to_string(), "224".to_string()),
+    /// ]);
+    /// let p = Preprocess::caffe().with_metadata(&meta)?;
+    /// assert_eq!((p.mean, p.crop), ([104.0, 117.0, 123.0], 224));
+    /// # Ok::<(), candle_zoo::Error>(())
+    /// ```
+    pub fn with_metadata(mut self, metadata: &BTreeMap<String, String>) -> Result<Self> {
+        if let Some(mean) = metadata.get(META_MEAN) {
+            let values: Vec<f32> = mean
+                .split(',')
+                .map(|v| v.trim().parse::<f32>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| Error::Invalid(format!("metadata `{META_MEAN}` = `{mean}`: {e}")))?;
+            self.mean = values.try_into().map_err(|v: Vec<f32>| {
+                Error::Invalid(format!(
+                    "metadata `{META_MEAN}` = `{mean}` has {} values; expected 3",
+                    v.len()
+                ))
+            })?;
+        }
+        if let Some(crop) = metadata.get(META_CROP) {
+            self.crop = crop
+                .trim()
+                .parse()
+                .ok()
+                .filter(|&c| (63..=4096).contains(&c))
+                .ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "metadata `{META_CROP}` = `{crop}` is not a crop side in 63..=4096"
+                    ))
+                })?;
+        }
+        Ok(self)
     }
 
     /// Decodes an image file (any supported format, whatever its extension) as RGB.

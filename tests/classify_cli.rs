@@ -10,35 +10,14 @@ use std::process::{Command, Output};
 use candle_zoo::alexnet::{AlexNet, Layout};
 use candle_zoo::weights::{save_safetensors, Pretrained};
 use common::hub_server::{HubServer, ServedFile};
-use common::{det_var_builder, small};
+use common::{det_var_builder, example_bin, small};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The example binary, built by cargo on first use (cargo test builds examples too, but a
-/// filtered `cargo test --test classify_cli` does not).
-fn classify_bin() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "--quiet", "--example", "classify"])
-                .current_dir(root())
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "building the classify example failed");
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root().join("target"));
-            target.join("debug/examples/classify")
-        })
-        .clone()
-}
-
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(classify_bin());
+    let mut cmd = Command::new(example_bin("classify"));
     cmd.args(args).current_dir(root());
     for k in [
         "HF_ENDPOINT",

@@ -4,6 +4,9 @@
 pub mod hub_server;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -105,4 +108,28 @@ pub fn sample(t: &Tensor, samples: usize) -> Vec<f32> {
     }
     let stride = flat.len() / samples;
     flat.into_iter().step_by(stride).take(samples).collect()
+}
+
+/// An example's binary, built by cargo on first use in this test process (cargo test builds
+/// examples too, but a filtered `cargo test --test NAME` does not).
+pub fn example_bin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    built
+        .entry(name.to_string())
+        .or_insert_with(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(cargo)
+                .args(["build", "--quiet", "--example", name])
+                .current_dir(root)
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "building the {name} example failed");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            target.join("debug/examples").join(name)
+        })
+        .clone()
 }

@@ -1,0 +1,338 @@
+//! Converting the original weights: a two-tower AlexNet built in PyTorch and written as a Caffe
+//! `.caffemodel` (both layer formats), an ONNX export and a `.pth`
+//! (`scripts/make_convert_fixtures.py`) converts to safetensors whose logits equal PyTorch's; bad
+//! files get errors that name the layer at fault.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use candle_nn::Module;
+use candle_zoo::alexnet::Layout;
+use candle_zoo::convert::{convert, read_mean_binaryproto, ConvertOptions, SourceFormat};
+use candle_zoo::preprocess::Preset;
+use candle_zoo::weights::Checkpoint;
+use candle_zoo::Error;
+use common::{det_values, rel_err};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/convert")
+        .join(name)
+}
+
+fn reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture("reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The formula input the script fed PyTorch.
+fn input(side: usize) -> Tensor {
+    let r = reference();
+    let batch = r["batch"].as_u64().unwrap() as usize;
+    let bound = r["input_bound"].as_f64().unwrap();
+    let data = det_values("input", batch * 3 * side * side, bound);
+    Tensor::from_vec(data, (batch, 3, side, side), &Device::Cpu).unwrap()
+}
+
+fn expected(case: &str) -> Vec<f32> {
+    reference()[case]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// Converts, saves, reloads through `Checkpoint`, and returns the reloaded model's logits.
+fn convert_and_run(name: &str, options: &ConvertOptions, side: usize) -> (Vec<f32>, Checkpoint) {
+    let converted = convert(fixture(name), options).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("converted.safetensors");
+    converted.save(&out).unwrap();
+    let ckpt = Checkpoint::open(&out).unwrap();
+    let model = ckpt.load(&Device::Cpu).unwrap();
+    assert_eq!(model.layout(), converted.layout());
+    let logits = model.forward(&input(side)).unwrap();
+    let direct = converted.model(&Device::Cpu).unwrap().forward(&input(side));
+    assert_eq!(
+        logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        direct
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    );
+    (logits.flatten_all().unwrap().to_vec1().unwrap(), ckpt)
+}
+
+fn assert_parity(got: &[f32], case: &str) {
+    let err = rel_err(got, &expected(case));
+    assert!(err <= 1e-5, "{case}: relative error {err:.3e} > 1e-5");
+}
+
+#[test]
+fn caffemodel_in_the_current_layer_format_matches_pytorch() {
+    let (logits, ckpt) = convert_and_run("alexnet.caffemodel", &ConvertOptions::default(), 227);
+    assert_parity(&logits, "alexnet_227");
+    let meta = ckpt.metadata();
+    assert_eq!(meta["layout"], "alexnet");
+    assert_eq!(meta["preprocess"], "caffe");
+    assert_eq!(meta["source"], "alexnet.caffemodel");
+    assert_eq!(meta["source_format"], "caffe");
+    assert_eq!(
+        meta["source_sha256"],
+        candle_zoo::hub::sha256_file(fixture("alexnet.caffemodel")).unwrap()
+    );
+    assert_eq!(ckpt.preprocess(), Preset::Caffe.pipeline());
+}
+
+#[test]
+fn caffemodel_in_the_v1_format_is_caffenet_and_matches_pytorch() {
+    let (logits, ckpt) = convert_and_run("caffenet_v1.caffemodel", &ConvertOptions::default(), 227);
+    assert_parity(&logits, "caffenet_227");
+    // Pool before LRN in the file: CaffeNet, recorded so that loading needs no flag.
+    assert_eq!(ckpt.metadata()["layout"], "caffenet");
+}
+
+#[test]
+fn caffemodel_in_the_2013_v0_format_matches_pytorch() {
+    let (logits, ckpt) = convert_and_run("alexnet_v0.caffemodel", &ConvertOptions::default(), 227);
+    assert_parity(&logits, "alexnet_227");
+    assert_eq!(ckpt.metadata()["layout"], "alexnet");
+}
+
+#[test]
+fn onnx_export_matches_pytorch_at_224() {
+    let (logits, ckpt) = convert_and_run("alexnet.onnx", &ConvertOptions::default(), 224);
+    assert_parity(&logits, "alexnet_224");
+    assert_eq!(ckpt.metadata()["layout"], "alexnet");
+    // The ONNX model zoo feeds 224 px: the recorded pipeline crops 224.
+    let p = ckpt.preprocess();
+    assert_eq!((p.crop, p.bgr), (224, true));
+}
+
+#[test]
+fn pytorch_port_of_caffenet_needs_the_layout_and_matches_pytorch() {
+    let options = ConvertOptions {
+        layout: Some(Layout::CaffeNet),
+        ..Default::default()
+    };
+    let (logits, ckpt) = convert_and_run("caffenet_port.pth", &options, 227);
+    assert_parity(&logits, "caffenet_227");
+    assert_eq!(ckpt.metadata()["layout"], "caffenet");
+    assert_eq!(ckpt.metadata()["source_format"], "torch");
+    // Weights alone cannot tell CaffeNet from AlexNet: the default is AlexNet.
+    let guessed = convert(fixture("caffenet_port.pth"), &ConvertOptions::default()).unwrap();
+    assert_eq!(guessed.layout(), Layout::AlexNet);
+}
+
+#[test]
+fn torchvision_pth_converts_to_the_same_model() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tv_small.pth");
+    let converted = convert(&path, &ConvertOptions::default()).unwrap();
+    assert_eq!(converted.layout(), Layout::TorchVision);
+    assert!(converted
+        .tensors
+        .iter()
+        .any(|(k, _)| k == "features.10.weight"));
+    let x = Tensor::ones((1, 3, 96, 96), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let direct = Checkpoint::open(&path).unwrap().load(&Device::Cpu).unwrap();
+    let a: Vec<f32> = converted
+        .model(&Device::Cpu)
+        .unwrap()
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = direct
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(a, b);
+    assert_eq!(converted.metadata["preprocess"], "torchvision");
+}
+
+#[test]
+fn the_same_source_always_gives_the_same_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
+    let options = ConvertOptions::default();
+    convert(fixture("caffenet_v1.caffemodel"), &options)
+        .unwrap()
+        .save(&a)
+        .unwrap();
+    convert(fixture("caffenet_v1.caffemodel"), &options)
+        .unwrap()
+        .save(&b)
+        .unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+#[test]
+fn mean_file_is_recorded_per_channel() {
+    let mean = read_mean_binaryproto(fixture("mean.binaryproto")).unwrap();
+    let want = expected("mean_bgr");
+    for c in 0..3 {
+        assert!((mean[c] - want[c]).abs() < 1e-4, "{mean:?} vs {want:?}");
+    }
+    let options = ConvertOptions {
+        mean: Some(mean),
+        ..Default::default()
+    };
+    let converted = convert(fixture("alexnet.caffemodel"), &options).unwrap();
+    assert_eq!(converted.preprocess().unwrap().mean, mean);
+    // A weights file is not a mean file.
+    let err = read_mean_binaryproto(fixture("alexnet.caffemodel")).unwrap_err();
+    assert!(err.to_string().contains("alexnet.caffemodel"), "{err}");
+}
+
+fn convert_err(name: &str, options: &ConvertOptions) -> String {
+    let err = convert(fixture(name), options).unwrap_err();
+    assert!(matches!(err, Error::Checkpoint { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(name), "the error should name the file: {msg}");
+    msg
+}
+
+#[test]
+fn a_missing_blob_names_the_layer() {
+    let msg = convert_err("missing_blob.caffemodel", &ConvertOptions::default());
+    assert!(msg.contains("`fc7`") && msg.contains("bias"), "{msg}");
+}
+
+#[test]
+fn a_wrong_layer_count_is_refused() {
+    let msg = convert_err("no_conv5.caffemodel", &ConvertOptions::default());
+    assert!(
+        msg.contains("5 convolution") && msg.contains("has 4"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_lrn_that_is_not_alexnets_is_refused() {
+    let msg = convert_err("bad_lrn.caffemodel", &ConvertOptions::default());
+    assert!(msg.contains("norm1") && msg.contains("size 3"), "{msg}");
+}
+
+#[test]
+fn a_layout_that_contradicts_the_file_is_refused() {
+    let options = ConvertOptions {
+        layout: Some(Layout::AlexNet),
+        ..Default::default()
+    };
+    let msg = convert_err("caffenet_v1.caffemodel", &options);
+    assert!(msg.contains("caffenet") && msg.contains("alexnet"), "{msg}");
+}
+
+#[test]
+fn truncated_files_are_refused_with_the_format_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, what) in [
+        ("alexnet.caffemodel", ".caffemodel"),
+        ("alexnet.onnx", "ONNX"),
+    ] {
+        let bytes = std::fs::read(fixture(name)).unwrap();
+        let cut = dir.path().join(name);
+        std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let err = convert(&cut, &ConvertOptions::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains(name) && msg.contains(what), "{msg}");
+    }
+    // A .pth cut short.
+    let bytes = std::fs::read(fixture("caffenet_port.pth")).unwrap();
+    let cut = dir.path().join("port.pth");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let msg = convert(&cut, &ConvertOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("port.pth"), "{msg}");
+}
+
+#[test]
+fn an_unrecognised_file_asks_for_the_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.dat");
+    std::fs::write(&path, b"\x0a\x03abc").unwrap();
+    let msg = convert(&path, &ConvertOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("weights.dat") && msg.contains("--from"),
+        "{msg}"
+    );
+    // Named explicitly, the caffe reader finds no layers in it.
+    let options = ConvertOptions {
+        format: Some(SourceFormat::Caffe),
+        ..Default::default()
+    };
+    let msg = convert(&path, &options).unwrap_err().to_string();
+    assert!(msg.contains("no layers"), "{msg}");
+}
+
+/// The `convert` example: converts, refuses to overwrite without --force, and fails cleanly.
+#[test]
+fn convert_example_end_to_end() {
+    let bin = common::example_bin("convert");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("caffenet.safetensors");
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(&bin)
+            .args(args)
+            .env_remove("RUST_BACKTRACE")
+            .output()
+            .unwrap()
+    };
+    let src = fixture("caffenet_v1.caffemodel");
+    let args = [
+        src.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--device".as_ref(),
+        "cpu".as_ref(),
+    ];
+    let first = run(&args);
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(stdout.contains("layout caffenet"), "{stdout}");
+    let sha = candle_zoo::hub::sha256_file(&out).unwrap();
+    assert!(
+        stdout.contains(&sha),
+        "the output's sha256 is printed: {stdout}"
+    );
+    let model = Checkpoint::open(&out).unwrap().load(&Device::Cpu).unwrap();
+    assert_eq!(model.layout(), Layout::CaffeNet);
+
+    // An existing output is kept unless --force.
+    let again = run(&args);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    assert_eq!(candle_zoo::hub::sha256_file(&out).unwrap(), sha);
+
+    // A bad input leaves nothing behind and names the file.
+    let bad = fixture("missing_blob.caffemodel");
+    let out2 = dir.path().join("bad.safetensors");
+    let failed = run(&[bad.as_os_str(), "--out".as_ref(), out2.as_os_str()]);
+    assert!(!failed.status.success());
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        stderr.contains("missing_blob.caffemodel") && stderr.contains("fc7"),
+        "{stderr}"
+    );
+    assert!(!out2.exists());
+}

@@ -7,6 +7,8 @@
 //! - [`weights`]: local checkpoints (safetensors, PyTorch `.pth`) and the registry of known
 //!   pretrained files; [`hub`]: downloads from the Hugging Face hub;
 //! - [`convert`]: Caffe `.caffemodel`, ONNX and PyTorch AlexNet weights to safetensors;
+//! - [`data`]: finding images and decoding them on worker threads; [`features`]: feature
+//!   matrices for many images, resumable and written atomically;
 //! - [`preprocess`]: image loading and the torchvision and Caffe input pipelines;
 //! - [`cli`] (feature `cli`, on by default): the flags the examples share;
 //! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection; [`io`]: atomic
@@ -31,8 +33,10 @@ pub mod alexnet;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod convert;
+pub mod data;
 pub mod device;
 mod error;
+pub mod features;
 pub mod hub;
 pub mod imagenet;
 pub mod io;

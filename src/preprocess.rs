@@ -233,6 +233,13 @@ impl Preprocess {
     /// Scales, reorders and normalises an RGB image into a `(3, H, W)` f32 tensor.
     pub fn to_tensor(&self, image: &RgbImage, device: &Device) -> Result<Tensor> {
         let (w, h) = image.dimensions();
+        let data = self.to_values(image);
+        Ok(Tensor::from_vec(data, (3, h as usize, w as usize), device)?)
+    }
+
+    /// [`Preprocess::to_tensor`]'s values, channel-major, without making a tensor.
+    pub fn to_values(&self, image: &RgbImage) -> Vec<f32> {
+        let (w, h) = image.dimensions();
         let plane = (w * h) as usize;
         let mut data = vec![0f32; 3 * plane];
         for (i, px) in image.pixels().enumerate() {
@@ -241,7 +248,14 @@ impl Preprocess {
                 data[c * plane + i] = (px[src] as f32 * self.scale - self.mean[c]) / self.std[c];
             }
         }
-        Ok(Tensor::from_vec(data, (3, h as usize, w as usize), device)?)
+        data
+    }
+
+    /// Opens, resizes, crops and normalises one image into `3 * crop * crop` values
+    /// (channel-major): [`Preprocess::load`] without the tensor, for worker threads.
+    pub fn load_pixels(&self, path: impl AsRef<Path>) -> Result<Vec<f32>> {
+        let image = self.open(path)?;
+        Ok(self.to_values(&self.resize_and_crop(&image)?))
     }
 
     /// Opens, resizes, crops and normalises one image into a `(3, crop, crop)` tensor.

@@ -1,0 +1,174 @@
+//! AlexNet features (fc7 by default) for many images, as one `[N, D]` matrix plus a manifest.
+//!
+//! ```text
+//! cargo run --release --example extract-fc7 -- --out fc7.safetensors photos/
+//! cargo run --release --example extract-fc7 -- --out fc7.npy @list.txt extra.jpg
+//! cargo run --release --example extract-fc7 -- --weights alexnet.pth --layer pool5 --out p5.safetensors photos/
+//! cargo run --release --example extract-fc7 -- --out fc7.safetensors photos/ --resume   # after a kill
+//! ```
+//! Rows follow the input order (a folder's images sorted by path); `OUT` with the extension
+//! `csv` lists each image's row, or why it failed. Images that fail are skipped, reported, and
+//! make the exit code 1.
+
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_zoo::cli::{ModelArgs, Progress};
+use candle_zoo::data::{collect_images, BatchLoader};
+use candle_zoo::features::{extract_to, work_dir, FeatureFormat, FeatureWriter};
+use candle_zoo::{device, Layer};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Extract AlexNet features for many images")]
+struct Args {
+    /// Image files, folders (searched recursively for .jpg/.jpeg/.png) and @lists (one path per
+    /// line, relative to the list's folder).
+    #[arg(value_name = "INPUT", required = true)]
+    inputs: Vec<String>,
+
+    /// The features file to write: .safetensors or .npy.
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+
+    #[command(flatten)]
+    model: ModelArgs,
+
+    /// The tap: conv1..conv5, pool5, fc6, fc7, logits (conv and pool taps are flattened).
+    #[arg(long, default_value = "fc7")]
+    layer: Layer,
+
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+
+    /// Output format (default: from --out's extension, else safetensors).
+    #[arg(long)]
+    format: Option<FeatureFormat>,
+
+    /// Threads decoding and resizing images while the model runs (default: the cores).
+    #[arg(long)]
+    workers: Option<usize>,
+
+    /// Continue an interrupted run (its work is in OUT.partial/) without redoing finished images.
+    #[arg(long)]
+    resume: bool,
+
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let format =
+        args.format
+            .unwrap_or_else(|| match args.out.extension().and_then(|e| e.to_str()) {
+                Some(e) if e.eq_ignore_ascii_case("npy") => FeatureFormat::Npy,
+                _ => FeatureFormat::Safetensors,
+            });
+    let resuming = args.resume && work_dir(&args.out).exists();
+    if args.out.exists() && !args.force && !resuming {
+        bail!("{} exists; pass --force to replace it", args.out.display());
+    }
+    let paths = collect_images(&args.inputs)?;
+    if paths.is_empty() {
+        bail!("no images found in {}", args.inputs.join(" "));
+    }
+
+    let device = args.model.device()?;
+    let loaded = args
+        .model
+        .load(&device)
+        .with_context(|| format!("loading model `{}`", args.model.source()))?;
+    let p = &loaded.preprocess;
+    let metadata = BTreeMap::from([
+        ("model".to_string(), args.model.source()),
+        ("layout".to_string(), loaded.model.layout().to_string()),
+        ("layer".to_string(), args.layer.to_string()),
+        (
+            "preprocess".to_string(),
+            format!(
+                "{} (resize {:?}, crop {}, {}, mean {:?}, std {:?})",
+                loaded.preset,
+                p.resize,
+                p.crop,
+                if p.bgr { "BGR" } else { "RGB" },
+                p.mean,
+                p.std
+            ),
+        ),
+        (
+            "producer".to_string(),
+            concat!("candle-zoo ", env!("CARGO_PKG_VERSION"), " extract-fc7").to_string(),
+        ),
+    ]);
+    let mut writer = FeatureWriter::create(&args.out, format, &paths, metadata, args.resume)?;
+    let total = paths.len();
+    let skip = writer.done();
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    eprintln!(
+        "{} images, {} tap of {} ({} layout) on {}, batch {}, {} decoding threads{}",
+        total,
+        args.layer,
+        args.model.source(),
+        loaded.model.layout(),
+        device::describe(&device),
+        args.batch_size,
+        workers,
+        if skip > 0 {
+            format!(", resuming after {skip} done")
+        } else {
+            String::new()
+        }
+    );
+
+    let mut progress = Progress::new("extract", "img", total as u64, skip as u64);
+    let loader = BatchLoader::new(
+        paths,
+        loaded.preprocess.clone(),
+        args.batch_size,
+        workers,
+        skip,
+    );
+    extract_to(
+        &loaded.model,
+        args.layer,
+        loader,
+        &mut writer,
+        &device,
+        |report| {
+            for (_, reason) in &report.failed {
+                progress.println(format!("skipped: {reason}"));
+            }
+            progress.inc(report.images as u64);
+            ControlFlow::Continue(())
+        },
+    )?;
+    let rate = progress.rate();
+    progress.finish();
+    let summary = writer.finish()?;
+    eprintln!(
+        "wrote {} rows of {} values to {} ({:.1} img/s), manifest {}",
+        summary.rows,
+        summary.dim,
+        summary.features.display(),
+        rate,
+        summary.manifest.display()
+    );
+    if !summary.failed.is_empty() {
+        eprintln!("{} of {total} images failed:", summary.failed.len());
+        for (_, reason) in &summary.failed {
+            eprintln!("  {reason}");
+        }
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::Module;
-use candle_zoo::convert::{convert, read_mean_binaryproto, ConvertOptions, SourceFormat};
+use candle_zoo::convert::{
+    convert, read_mean_binaryproto, read_mean_image, ConvertOptions, SourceFormat,
+};
 use candle_zoo::device::{self, DeviceChoice};
 use candle_zoo::hub::sha256_file;
 use candle_zoo::preprocess::{Preset, Resize};
@@ -50,6 +52,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     mean: Option<PathBuf>,
 
+    /// A Caffe mean file to store whole: subtracted pixel by pixel at the crop's offset, as
+    /// Caffe's data layer does (needs the Caffe preset's 256x256 resize).
+    #[arg(long, value_name = "FILE", conflicts_with = "mean")]
+    mean_image: Option<PathBuf>,
+
     /// The crop side to record (default: the preset's; 224 for ONNX two-tower models).
     #[arg(long)]
     crop: Option<u32>,
@@ -69,12 +76,14 @@ fn main() -> Result<()> {
         bail!("{} exists; pass --force to replace it", args.out.display());
     }
     let mean = args.mean.as_ref().map(read_mean_binaryproto).transpose()?;
+    let mean_image = args.mean_image.as_ref().map(read_mean_image).transpose()?;
     let options = ConvertOptions {
         format: args.from,
         layout: args.layout,
         preprocess: args.preprocess,
         mean,
         crop: args.crop,
+        mean_image,
     };
     let converted = convert(&args.input, &options)
         .with_context(|| format!("converting {}", args.input.display()))?;
@@ -98,12 +107,15 @@ fn main() -> Result<()> {
         Resize::ShorterSide(s) => format!("shorter side {s}"),
         Resize::Exact(w, h) => format!("{w}x{h} warp"),
     };
+    let mean = match &p.mean_image {
+        Some(m) => format!("{}x{} mean image", m.width, m.height),
+        None => format!("mean {:?}", p.mean),
+    };
     println!(
-        "input  {} preset: {resize}, crop {}, {}, mean {:?}, std {:?}",
+        "input  {} preset: {resize}, crop {}, {}, {mean}, std {:?}",
         meta["preprocess"],
         p.crop,
         if p.bgr { "BGR" } else { "RGB" },
-        p.mean,
         p.std
     );
 

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
@@ -50,6 +51,35 @@ pub struct Preprocess {
     /// Images whose shorter side is below this many pixels are refused rather than upscaled:
     /// they hold too little to classify.
     pub min_side: u32,
+    /// Caffe's mean image, subtracted pixel by pixel instead of `mean` (see [`MeanImage`]).
+    pub mean_image: Option<Arc<MeanImage>>,
+}
+
+/// A per-pixel mean, as Caffe's `ilsvrc_2012_mean.binaryproto` (`3x256x256`, BGR): `(3, H, W)`
+/// values in the pipeline's output channel order and units. Caffe subtracts it from the resized
+/// image and crops both at the same centre offset; [`Preprocess::to_values`] does the same.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeanImage {
+    pub height: usize,
+    pub width: usize,
+    /// `3 * height * width` values, channel-major.
+    pub values: Vec<f32>,
+}
+
+impl MeanImage {
+    /// The per-channel averages.
+    pub fn channel_means(&self) -> [f32; 3] {
+        let plane = self.height * self.width;
+        let mut out = [0f32; 3];
+        for (c, m) in out.iter_mut().enumerate() {
+            let sum: f64 = self.values[c * plane..(c + 1) * plane]
+                .iter()
+                .map(|&v| v as f64)
+                .sum();
+            *m = (sum / plane.max(1) as f64) as f32;
+        }
+        out
+    }
 }
 
 /// The named presets, for command lines and checkpoint metadata.
@@ -114,6 +144,7 @@ impl Preprocess {
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
             min_side: 16,
+            mean_image: None,
         }
     }
 
@@ -128,6 +159,7 @@ impl Preprocess {
             mean: [104.00699, 116.66877, 122.67891],
             std: [1.0; 3],
             min_side: 16,
+            mean_image: None,
         }
     }
 
@@ -240,15 +272,47 @@ impl Preprocess {
     /// [`Preprocess::to_tensor`]'s values, channel-major, without making a tensor.
     pub fn to_values(&self, image: &RgbImage) -> Vec<f32> {
         let (w, h) = image.dimensions();
-        let plane = (w * h) as usize;
+        let (w, h) = (w as usize, h as usize);
+        let plane = w * h;
+        // With a mean image, the crop sits at the same centre offset in it as in the resized
+        // image (Caffe's data layer).
+        let mean_at = |c: usize, i: usize| -> f32 {
+            match &self.mean_image {
+                None => self.mean[c],
+                Some(m) => {
+                    let top = centre_offset(m.height as u32, h as u32) as usize;
+                    let left = centre_offset(m.width as u32, w as u32) as usize;
+                    let (y, x) = (i / w, i % w);
+                    m.values[c * m.height * m.width + (y + top) * m.width + left + x]
+                }
+            }
+        };
         let mut data = vec![0f32; 3 * plane];
         for (i, px) in image.pixels().enumerate() {
             for c in 0..3 {
                 let src = if self.bgr { 2 - c } else { c };
-                data[c * plane + i] = (px[src] as f32 * self.scale - self.mean[c]) / self.std[c];
+                data[c * plane + i] = (px[src] as f32 * self.scale - mean_at(c, i)) / self.std[c];
             }
         }
         data
+    }
+
+    /// Subtracts `mean` pixel by pixel instead of the per-channel mean. The mean image must
+    /// have the size images are resized to (an exact resize), as Caffe's does.
+    pub fn with_mean_image(mut self, mean: MeanImage) -> Result<Self> {
+        let fits = match self.resize {
+            Resize::Exact(w, h) => (w as usize, h as usize) == (mean.width, mean.height),
+            Resize::ShorterSide(_) => false,
+        };
+        if !fits || mean.values.len() != 3 * mean.height * mean.width {
+            return Err(Error::Invalid(format!(
+                "a {}x{} mean image needs images resized to exactly that size; this pipeline \
+                 resizes to {:?}",
+                mean.width, mean.height, self.resize
+            )));
+        }
+        self.mean_image = Some(Arc::new(mean));
+        Ok(self)
     }
 
     /// Opens, resizes, crops and normalises one image into `3 * crop * crop` values

@@ -234,19 +234,40 @@ impl Checkpoint {
     }
 
     /// [`Checkpoint::preset`] as a pipeline with the metadata's mean and crop overrides (see
-    /// [`Preprocess::with_metadata`]), falling back to torchvision's on bad metadata.
+    /// [`Preprocess::with_metadata`]) and a stored mean image, falling back to torchvision's on
+    /// bad metadata.
     pub fn preprocess(&self) -> Preprocess {
-        self.preset()
-            .and_then(|p| p.pipeline().with_metadata(&self.metadata))
+        let implied = if self.keys.iter().any(|k| k == "conv1.weight") {
+            Layout::AlexNet
+        } else {
+            Layout::TorchVision
+        };
+        let layout = self.layout_hint().ok().flatten().unwrap_or(implied);
+        self.preprocess_for(layout)
             .unwrap_or_else(|_| Preset::TorchVision.pipeline())
     }
 
     /// The pipeline for the weights loaded as `layout`: [`Checkpoint::preset_for`] with the
-    /// metadata's mean and crop overrides.
+    /// metadata's mean and crop overrides and a stored mean image (tensor
+    /// [`crate::convert::MEAN_IMAGE_KEY`]).
     pub fn preprocess_for(&self, layout: Layout) -> Result<Preprocess> {
-        self.preset_for(layout)?
+        let p = self
+            .preset_for(layout)?
             .pipeline()
-            .with_metadata(&self.metadata)
+            .with_metadata(&self.metadata)?;
+        if !self
+            .keys
+            .iter()
+            .any(|k| k == crate::convert::MEAN_IMAGE_KEY)
+        {
+            return Ok(p);
+        }
+        let t = self
+            .var_builder(DType::F32, &Device::Cpu)?
+            .get_unchecked(crate::convert::MEAN_IMAGE_KEY)
+            .map_err(|e| Error::checkpoint(&self.path, e))?;
+        p.with_mean_image(crate::convert::mean_image_of(&t)?)
+            .map_err(|e| Error::checkpoint(&self.path, e))
     }
 
     fn with_path(&self, e: Error) -> Error {

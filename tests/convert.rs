@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use candle_nn::Module;
 use candle_zoo::alexnet::Layout;
-use candle_zoo::convert::{convert, read_mean_binaryproto, ConvertOptions, SourceFormat};
-use candle_zoo::preprocess::Preset;
+use candle_zoo::convert::{
+    convert, read_mean_binaryproto, read_mean_image, ConvertOptions, SourceFormat, MEAN_IMAGE_KEY,
+};
+use candle_zoo::preprocess::{MeanImage, Preset};
 use candle_zoo::weights::Checkpoint;
 use candle_zoo::Error;
 use common::{det_values, rel_err};
@@ -195,6 +197,57 @@ fn mean_file_is_recorded_per_channel() {
     // A weights file is not a mean file.
     let err = read_mean_binaryproto(fixture("alexnet.caffemodel")).unwrap_err();
     assert!(err.to_string().contains("alexnet.caffemodel"), "{err}");
+}
+
+/// Caffe's mean image: stored with the weights, subtracted pixel by pixel at the crop's offset.
+#[test]
+fn mean_image_is_stored_and_subtracted_at_the_crop_offset() {
+    let small = read_mean_image(fixture("mean.binaryproto")).unwrap();
+    assert_eq!((small.height, small.width), (16, 16));
+    // A 256x256 mean whose value encodes its position, as the pipeline's resize is 256x256.
+    let (h, w) = (256, 256);
+    let values: Vec<f32> = (0..3 * h * w).map(|i| (i % 1000) as f32 / 10.0).collect();
+    let mean = MeanImage {
+        height: h,
+        width: w,
+        values: values.clone(),
+    };
+    let options = ConvertOptions {
+        mean_image: Some(mean.clone()),
+        ..Default::default()
+    };
+    let converted = convert(fixture("alexnet.caffemodel"), &options).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("with_mean.safetensors");
+    converted.save(&out).unwrap();
+    let ckpt = Checkpoint::open(&out).unwrap();
+    assert!(ckpt.keys().iter().any(|k| k == MEAN_IMAGE_KEY));
+    let p = ckpt.preprocess();
+    assert_eq!(p.mean_image.as_deref(), Some(&mean));
+    // The model still loads (the mean image is not a weight).
+    ckpt.load(&Device::Cpu).unwrap();
+
+    // A 256x256 image (no resize) of one colour: value = pixel - mean[c, 14 + y, 14 + x].
+    let image = image::RgbImage::from_pixel(256, 256, image::Rgb([200, 100, 50]));
+    let x = p
+        .to_tensor(&p.resize_and_crop(&image).unwrap(), &Device::Cpu)
+        .unwrap();
+    assert_eq!(x.dims(), &[3, 227, 227]);
+    let got: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let bgr = [50.0f32, 100.0, 200.0];
+    for (c, y, xx) in [(0, 0, 0), (1, 5, 7), (2, 226, 226)] {
+        let want = bgr[c] - values[c * h * w + (14 + y) * w + 14 + xx];
+        assert_eq!(
+            got[c * 227 * 227 + y * 227 + xx],
+            want,
+            "c {c}, y {y}, x {xx}"
+        );
+    }
+    // A mean image that does not match the resize is refused.
+    let err = candle_zoo::preprocess::Preprocess::torchvision()
+        .with_mean_image(small)
+        .unwrap_err();
+    assert!(err.to_string().contains("16x16"), "{err}");
 }
 
 fn convert_err(name: &str, options: &ConvertOptions) -> String {

@@ -12,6 +12,7 @@ use prost::Message;
 
 use super::{Op, Param, SourceNet};
 use crate::error::{Error, Result};
+use crate::preprocess::MeanImage;
 
 #[derive(Clone, PartialEq, Message)]
 struct NetParameter {
@@ -402,8 +403,8 @@ fn blob_param(b: &BlobProto) -> std::result::Result<Param, String> {
 }
 
 /// Reads a Caffe mean file (`BlobProto`, e.g. `ilsvrc_2012_mean.binaryproto`, shape
-/// `1x3x256x256` in BGR) and returns its per-channel means, in the file's (BGR) order.
-pub fn read_mean_binaryproto(path: impl AsRef<Path>) -> Result<[f32; 3]> {
+/// `1x3x256x256` in BGR) as a [`MeanImage`], in the file's (BGR) channel order.
+pub fn read_mean_image(path: impl AsRef<Path>) -> Result<MeanImage> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let blob = BlobProto::decode(bytes.as_slice()).map_err(|e| {
@@ -420,14 +421,15 @@ pub fn read_mean_binaryproto(path: impl AsRef<Path>) -> Result<[f32; 3]> {
             ),
         ));
     }
-    let plane = dims[1] * dims[2];
-    let mut mean = [0f32; 3];
-    for (c, m) in mean.iter_mut().enumerate() {
-        let sum: f64 = p.data[c * plane..(c + 1) * plane]
-            .iter()
-            .map(|&v| v as f64)
-            .sum();
-        *m = (sum / plane as f64) as f32;
-    }
-    Ok(mean)
+    Ok(MeanImage {
+        height: dims[1],
+        width: dims[2],
+        values: p.data,
+    })
+}
+
+/// The per-channel means of a Caffe mean file, in its (BGR) order: what Caffe's own Python
+/// classifier subtracts.
+pub fn read_mean_binaryproto(path: impl AsRef<Path>) -> Result<[f32; 3]> {
+    Ok(read_mean_image(path)?.channel_means())
 }

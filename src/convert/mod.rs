@@ -30,17 +30,20 @@ use std::str::FromStr;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-pub use caffe::read_mean_binaryproto;
+pub use caffe::{read_mean_binaryproto, read_mean_image};
 
 use crate::alexnet::{AlexNet, Config, Layout};
 use crate::error::{Error, Result};
-use crate::preprocess::{Preprocess, Preset};
+use crate::preprocess::{MeanImage, Preprocess, Preset};
 use crate::weights::{Checkpoint, Format, META_LAYOUT, META_PREPROCESS};
 
 /// Metadata key: the per-channel mean to subtract, `a,b,c` in the model's channel order.
 pub const META_MEAN: &str = "preprocess.mean";
 /// Metadata key: the side of the centre crop the model is fed.
 pub const META_CROP: &str = "preprocess.crop";
+/// Tensor key of a Caffe mean image stored with the weights: `(3, H, W)` f32, subtracted pixel
+/// by pixel (see [`crate::preprocess::MeanImage`]).
+pub const MEAN_IMAGE_KEY: &str = "preprocess.mean_image";
 /// Metadata keys recording where converted weights came from.
 pub const META_SOURCE: &str = "source";
 pub const META_SOURCE_SHA256: &str = "source_sha256";
@@ -129,6 +132,9 @@ pub struct ConvertOptions {
     /// The crop side to record; by default the preset's, except 224 for ONNX two-tower models,
     /// which the ONNX model zoo feeds 224-pixel inputs.
     pub crop: Option<u32>,
+    /// A mean image to store with the weights (tensor [`MEAN_IMAGE_KEY`]), subtracted pixel by
+    /// pixel as Caffe's data layer does, for example from [`read_mean_image`].
+    pub mean_image: Option<MeanImage>,
 }
 
 /// Weights converted to this crate's key names, checked to build an [`AlexNet`].
@@ -155,10 +161,14 @@ impl Converted {
         )
     }
 
-    /// The input pipeline the metadata records.
+    /// The input pipeline the metadata (and a stored mean image) records.
     pub fn preprocess(&self) -> Result<Preprocess> {
         let preset: Preset = self.metadata[META_PREPROCESS].parse()?;
-        preset.pipeline().with_metadata(&self.metadata)
+        let p = preset.pipeline().with_metadata(&self.metadata)?;
+        match self.tensors.iter().find(|(k, _)| k == MEAN_IMAGE_KEY) {
+            Some((_, t)) => p.with_mean_image(mean_image_of(t)?),
+            None => Ok(p),
+        }
     }
 
     /// Writes the weights and metadata as safetensors, atomically.
@@ -201,6 +211,12 @@ pub fn convert(path: impl AsRef<Path>, options: &ConvertOptions) -> Result<Conve
     }
     let map: HashMap<String, Tensor> = tensors.iter().cloned().collect();
     let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+    if let Some(m) = &options.mean_image {
+        tensors.push((
+            MEAN_IMAGE_KEY.to_string(),
+            Tensor::from_vec(m.values.clone(), (3, m.height, m.width), &Device::Cpu)?,
+        ));
+    }
     let wrap = |e: Error| match e {
         Error::Checkpoint { .. } | Error::Io { .. } => e,
         e => Error::checkpoint(
@@ -255,6 +271,26 @@ pub fn convert(path: impl AsRef<Path>, options: &ConvertOptions) -> Result<Conve
     };
     converted.preprocess()?;
     Ok(converted)
+}
+
+/// A stored `(3, H, W)` mean image tensor as a [`MeanImage`].
+pub(crate) fn mean_image_of(t: &Tensor) -> Result<MeanImage> {
+    let (c, height, width) = t.dims3().map_err(|_| {
+        Error::Invalid(format!(
+            "`{MEAN_IMAGE_KEY}` has shape {:?}; expected (3, H, W)",
+            t.dims()
+        ))
+    })?;
+    if c != 3 {
+        return Err(Error::Invalid(format!(
+            "`{MEAN_IMAGE_KEY}` has {c} channels; expected 3"
+        )));
+    }
+    Ok(MeanImage {
+        height,
+        width,
+        values: t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+    })
 }
 
 /// A weight or bias as read from the source, row-major.

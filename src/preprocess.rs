@@ -19,7 +19,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use image::imageops::FilterType;
+use fast_image_resize as fir;
 use image::RgbImage;
 
 use crate::alexnet::Layout;
@@ -240,6 +240,11 @@ impl Preprocess {
     }
 
     /// Resizes and crops a decoded image to the `crop x crop` RGB image the model sees.
+    ///
+    /// Resampling is Pillow's bilinear filter (what torchvision's `Resize` runs on PIL images),
+    /// from `fast_image_resize`, computed for the crop only: with Pillow's box semantics the
+    /// crop's pixels have the same sampling positions and weights as in the whole resized image,
+    /// and the rest is never computed.
     pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage> {
         let (w, h) = image.dimensions();
         let (nw, nh) = match self.resize {
@@ -253,13 +258,26 @@ impl Preprocess {
                 self.crop
             )));
         }
-        let resized = if (nw, nh) == (w, h) {
-            image.clone()
-        } else {
-            image::imageops::resize(image, nw, nh, FilterType::Triangle)
-        };
         let (left, top) = (centre_offset(nw, self.crop), centre_offset(nh, self.crop));
-        Ok(image::imageops::crop_imm(&resized, left, top, self.crop, self.crop).to_image())
+        if (nw, nh) == (w, h) {
+            return Ok(
+                image::imageops::crop_imm(image, left, top, self.crop, self.crop).to_image(),
+            );
+        }
+        let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
+        let crop = self.crop as f64;
+        let resize_err = |e: String| Error::Invalid(format!("resizing a {w}x{h} image: {e}"));
+        let src = fir::images::ImageRef::new(w, h, image.as_raw(), fir::PixelType::U8x3)
+            .map_err(|e| resize_err(e.to_string()))?;
+        let mut dst = fir::images::Image::new(self.crop, self.crop, fir::PixelType::U8x3);
+        let options = fir::ResizeOptions::new()
+            .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear))
+            .crop(left as f64 * sx, top as f64 * sy, crop * sx, crop * sy);
+        fir::Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| resize_err(e.to_string()))?;
+        RgbImage::from_raw(self.crop, self.crop, dst.into_vec())
+            .ok_or_else(|| resize_err("unexpected buffer size".into()))
     }
 
     /// Scales, reorders and normalises an RGB image into a `(3, H, W)` f32 tensor.

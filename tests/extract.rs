@@ -356,6 +356,20 @@ fn preprocessing_gives_torchvisions_fc7_on_real_photos() {
         let crop = image::open(fixture(&format!("{photo}.crop.png")))
             .unwrap()
             .to_rgb8();
+        // The crop itself: Pillow's bilinear filter, within rounding (measured: at most 1 level
+        // on the PNGs, 2 on the JPEG, whose decoders differ too).
+        let ours = p.resize_and_crop(&p.open(asset(photo)).unwrap()).unwrap();
+        let worst = ours
+            .as_raw()
+            .iter()
+            .zip(crop.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        assert!(
+            worst <= 2,
+            "{photo}: a pixel differs from PIL's by {worst} levels"
+        );
         let same_input = fc7(p.to_tensor(&crop, &Device::Cpu).unwrap());
         let err = rel_err(&same_input, &want);
         assert!(

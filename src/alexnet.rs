@@ -266,7 +266,7 @@ impl Config {
         let groups = self.layout.groups();
         let inputs = self.conv_inputs();
         for i in 0..5 {
-            if inputs[i] % groups[i] != 0 || self.channels[i] % groups[i] != 0 {
+            if !inputs[i].is_multiple_of(groups[i]) || !self.channels[i].is_multiple_of(groups[i]) {
                 return Err(Error::Config(format!(
                     "conv{} has groups={} but {} input and {} output channels; the two-tower \
                      layouts need even widths",

@@ -464,7 +464,7 @@ fn safetensors_header(metadata: &BTreeMap<String, String>, n: usize, dim: usize)
         }),
     );
     let mut json = serde_json::to_string(&header).expect("serialisable");
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
@@ -476,7 +476,7 @@ fn safetensors_header(metadata: &BTreeMap<String, String>, n: usize, dim: usize)
 /// the data starts 64-byte aligned.
 fn npy_header(n: usize, dim: usize) -> Vec<u8> {
     let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {dim}), }}");
-    while (10 + dict.len() + 1) % 64 != 0 {
+    while !(10 + dict.len() + 1).is_multiple_of(64) {
         dict.push(' ');
     }
     dict.push('\n');

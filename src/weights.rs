@@ -344,7 +344,7 @@ fn sorted_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
         header.into_iter().map(|(k, v)| (k, sorted(v))).collect();
     let mut json = serde_json::to_string(&header).map_err(|e| e.to_string())?;
     // The data section starts 8-byte aligned, as safetensors pads it.
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
     let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);

@@ -65,7 +65,7 @@ struct Args {
     #[arg(long)]
     force: bool,
 
-    /// Device for the check run of the converted model: auto, cpu, cuda[:N], metal[:N].
+    /// Device for the check run of the converted model: auto, cpu, cuda, cuda:N, metal or metal:N.
     #[arg(long, default_value = "auto")]
     device: DeviceChoice,
 }

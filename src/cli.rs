@@ -60,7 +60,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub preprocess: Option<Preset>,
 
-    /// auto, cpu, cuda[:N] or metal[:N]. auto picks CUDA, then Metal, then the CPU.
+    /// auto, cpu, cuda, cuda:N, metal or metal:N. auto picks CUDA, then Metal, then the CPU.
     #[arg(long, default_value = "auto")]
     pub device: DeviceChoice,
 }

@@ -449,27 +449,18 @@ fn difference(before: &RunState, now: &RunState) -> String {
 }
 
 fn safetensors_header(metadata: &BTreeMap<String, String>, n: usize, dim: usize) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    let meta: serde_json::Map<String, serde_json::Value> = metadata
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-        .collect();
-    header.insert("__metadata__".into(), serde_json::Value::Object(meta));
-    header.insert(
-        FEATURES_KEY.into(),
-        serde_json::json!({
-            "dtype": "F32",
-            "shape": [n, dim],
-            "data_offsets": [0, n * dim * 4],
-        }),
-    );
-    let mut json = serde_json::to_string(&header).expect("serialisable");
-    while !json.len().is_multiple_of(8) {
-        json.push(' ');
-    }
-    let mut out = (json.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(json.as_bytes());
-    out
+    let header = BTreeMap::from([
+        ("__metadata__".to_string(), serde_json::json!(metadata)),
+        (
+            FEATURES_KEY.to_string(),
+            serde_json::json!({
+                "data_offsets": [0, n * dim * 4],
+                "dtype": "F32",
+                "shape": [n, dim],
+            }),
+        ),
+    ]);
+    crate::weights::safetensors_prefix(&header)
 }
 
 /// NumPy format 1.0: magic, version, header length, then a Python dict literal padded so that

@@ -294,15 +294,19 @@ impl Preprocess {
         let plane = w * h;
         // With a mean image, the crop sits at the same centre offset in it as in the resized
         // image (Caffe's data layer).
+        let offsets = self.mean_image.as_ref().map(|m| {
+            (
+                centre_offset(m.height as u32, h as u32) as usize,
+                centre_offset(m.width as u32, w as u32) as usize,
+            )
+        });
         let mean_at = |c: usize, i: usize| -> f32 {
-            match &self.mean_image {
-                None => self.mean[c],
-                Some(m) => {
-                    let top = centre_offset(m.height as u32, h as u32) as usize;
-                    let left = centre_offset(m.width as u32, w as u32) as usize;
+            match (&self.mean_image, offsets) {
+                (Some(m), Some((top, left))) => {
                     let (y, x) = (i / w, i % w);
                     m.values[c * m.height * m.width + (y + top) * m.width + left + x]
                 }
+                _ => self.mean[c],
             }
         };
         let mut data = vec![0f32; 3 * plane];

@@ -215,13 +215,16 @@ impl Checkpoint {
     /// The preprocessing the weights expect: from metadata, else the preset of the layout the
     /// file implies.
     pub fn preset(&self) -> Result<Preset> {
-        let caffe_keys = self.keys.iter().any(|k| k == "conv1.weight");
-        let implied = if caffe_keys {
+        self.preset_for(self.layout_hint()?.unwrap_or(self.implied_layout()))
+    }
+
+    /// The layout the keys alone imply (Caffe keys cannot tell CaffeNet from AlexNet).
+    fn implied_layout(&self) -> Layout {
+        if self.keys.iter().any(|k| k == "conv1.weight") {
             Layout::AlexNet
         } else {
             Layout::TorchVision
-        };
-        self.preset_for(self.layout_hint()?.unwrap_or(implied))
+        }
     }
 
     /// The preprocessing for the weights loaded as `layout`: from metadata, else the layout's
@@ -237,12 +240,11 @@ impl Checkpoint {
     /// [`Preprocess::with_metadata`]) and a stored mean image, falling back to torchvision's on
     /// bad metadata.
     pub fn preprocess(&self) -> Preprocess {
-        let implied = if self.keys.iter().any(|k| k == "conv1.weight") {
-            Layout::AlexNet
-        } else {
-            Layout::TorchVision
-        };
-        let layout = self.layout_hint().ok().flatten().unwrap_or(implied);
+        let layout = self
+            .layout_hint()
+            .ok()
+            .flatten()
+            .unwrap_or(self.implied_layout());
         self.preprocess_for(layout)
             .unwrap_or_else(|_| Preset::TorchVision.pipeline())
     }
@@ -342,16 +344,21 @@ fn sorted_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
     };
     let header: BTreeMap<String, serde_json::Value> =
         header.into_iter().map(|(k, v)| (k, sorted(v))).collect();
-    let mut json = serde_json::to_string(&header).map_err(|e| e.to_string())?;
-    // The data section starts 8-byte aligned, as safetensors pads it.
+    let mut out = safetensors_prefix(&header);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+/// A safetensors file's first bytes for a header: its length, then its JSON padded with spaces
+/// so that the data section starts 8-byte aligned, as safetensors writes it.
+pub(crate) fn safetensors_prefix(header: &BTreeMap<String, serde_json::Value>) -> Vec<u8> {
+    let mut json = serde_json::to_string(header).expect("JSON values serialise");
     while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
-    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - 8 - n);
-    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(json.as_bytes());
-    out.extend_from_slice(&bytes[8 + n..]);
-    Ok(out)
+    out
 }
 
 fn read_up_to(file: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {

@@ -72,6 +72,7 @@ fn convert_and_run(name: &str, options: &ConvertOptions, side: usize) -> (Vec<f3
 
 fn assert_parity(got: &[f32], case: &str) {
     let err = rel_err(got, &expected(case));
+    eprintln!("{case}: logits relative error {err:.2e}");
     assert!(err <= 1e-5, "{case}: relative error {err:.3e} > 1e-5");
 }
 

@@ -1,0 +1,217 @@
+//! Input gradients of candle-zoo's own layers against PyTorch's, from
+//! `tests/fixtures/grads.safetensors` (written by `scripts/make_grad_fixtures.py`).
+//!
+//! Each case differentiates `sum(f(x) * w)`, with `x` and `w` from `det_values`, and checks
+//! the forward output and the input gradient at a max relative error of 1e-5 (relative to the
+//! largest |value| of PyTorch's tensor). Max-pool gradients are sums of `w` values routed to each
+//! window's first maximum, so on the CPU they match PyTorch exactly, ties included.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{Device, Tensor, Var};
+use candle_nn::Module;
+use candle_zoo::layers::{max_pool2d, AdaptiveAvgPool2d, LocalResponseNorm};
+use common::{det_values, rel_err};
+
+enum Op {
+    MaxPool {
+        kernel: usize,
+        stride: usize,
+        ceil: bool,
+    },
+    Lrn(LocalResponseNorm),
+    Adaptive(usize, usize),
+}
+
+struct Case {
+    name: &'static str,
+    op: Op,
+    shape: [usize; 4],
+    bound: f64,
+    /// ReLU of the input on a 0.25 grid: many zeros and tied maxima.
+    ties: bool,
+}
+
+const fn pool(kernel: usize, stride: usize, ceil: bool) -> Op {
+    Op::MaxPool {
+        kernel,
+        stride,
+        ceil,
+    }
+}
+
+/// Must match `CASES` in scripts/make_grad_fixtures.py.
+fn cases() -> Vec<Case> {
+    let case = |name, op, shape, bound, ties| Case {
+        name,
+        op,
+        shape,
+        bound,
+        ties,
+    };
+    let lrn = |s, a, b, k| Op::Lrn(LocalResponseNorm::new(s, a, b, k));
+    vec![
+        case(
+            "maxpool_floor_13x13",
+            pool(3, 2, false),
+            [2, 3, 13, 13],
+            1.0,
+            false,
+        ),
+        case(
+            "maxpool_floor_14x15",
+            pool(3, 2, false),
+            [1, 2, 14, 15],
+            1.0,
+            false,
+        ),
+        case(
+            "maxpool_ceil_14x14",
+            pool(3, 2, true),
+            [1, 2, 14, 14],
+            1.0,
+            false,
+        ),
+        case(
+            "maxpool_ceil_13x16",
+            pool(3, 2, true),
+            [2, 2, 13, 16],
+            1.0,
+            false,
+        ),
+        case(
+            "maxpool_ceil_7x6",
+            pool(3, 2, true),
+            [1, 3, 7, 6],
+            1.0,
+            false,
+        ),
+        case(
+            "maxpool_ties_floor_13x13",
+            pool(3, 2, false),
+            [2, 3, 13, 13],
+            1.0,
+            true,
+        ),
+        case(
+            "maxpool_ties_ceil_14x12",
+            pool(3, 2, true),
+            [2, 3, 14, 12],
+            1.0,
+            true,
+        ),
+        case(
+            "lrn_alexnet",
+            lrn(5, 1e-4, 0.75, 1.0),
+            [2, 7, 5, 6],
+            100.0,
+            false,
+        ),
+        case(
+            "lrn_sensitive",
+            lrn(3, 0.5, 0.75, 2.0),
+            [2, 6, 4, 5],
+            2.0,
+            false,
+        ),
+        case(
+            "adaptive_13x13",
+            Op::Adaptive(6, 6),
+            [2, 3, 13, 13],
+            1.0,
+            false,
+        ),
+        case("adaptive_7x9", Op::Adaptive(6, 6), [1, 2, 7, 9], 1.0, false),
+        case("adaptive_5x5", Op::Adaptive(6, 6), [1, 2, 5, 5], 1.0, false),
+    ]
+}
+
+fn fixtures() -> HashMap<String, Tensor> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/grads.safetensors"
+    );
+    candle_core::safetensors::load(path, &Device::Cpu).expect("load grads.safetensors")
+}
+
+fn input(case: &Case) -> Vec<f32> {
+    let n = case.shape.iter().product();
+    let x = det_values(&format!("{}.x", case.name), n, case.bound);
+    if case.ties {
+        // As the script: every step is exact in f32.
+        x.into_iter()
+            .map(|v| ((v * 4.0).floor() / 4.0).max(0.0))
+            .collect()
+    } else {
+        x
+    }
+}
+
+fn apply(op: &Op, x: &Tensor) -> candle_core::Result<Tensor> {
+    match op {
+        Op::MaxPool {
+            kernel,
+            stride,
+            ceil,
+        } => max_pool2d(x, *kernel, *stride, *ceil),
+        Op::Lrn(lrn) => lrn.forward(x),
+        Op::Adaptive(h, w) => AdaptiveAvgPool2d::new(*h, *w).forward(x),
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn input_gradients_match_pytorch() -> anyhow::Result<()> {
+    let fx = fixtures();
+    let cases = cases();
+    assert_eq!(fx.len(), 3 * cases.len(), "fixture and case list disagree");
+    let mut failures = Vec::new();
+    for case in &cases {
+        let get = |what: &str| {
+            fx.get(&format!("{}.{what}", case.name))
+                .unwrap_or_else(|| panic!("fixture lacks {}.{what}", case.name))
+        };
+        let xs = input(case);
+        assert_eq!(
+            xs,
+            flat(get("x")),
+            "{}: det_values input differs from the script's",
+            case.name
+        );
+        let x = Var::from_vec(xs, case.shape.as_slice(), &Device::Cpu)?;
+        let y = apply(&case.op, x.as_tensor())?;
+        let want_y = get("y");
+        assert_eq!(y.dims(), want_y.dims(), "{}: output shape", case.name);
+        let w = det_values(&format!("{}.w", case.name), y.elem_count(), 1.0);
+        let w = Tensor::from_vec(w, y.shape(), &Device::Cpu)?;
+        let grads = (&y * &w)?.sum_all()?.backward()?;
+        let grad = grads.get(&x).expect("gradient of x");
+        let (ey, eg) = (
+            rel_err(&flat(&y), &flat(want_y)),
+            rel_err(&flat(grad), &flat(get("grad"))),
+        );
+        println!(
+            "{:26} forward rel err {ey:.2e}, input gradient rel err {eg:.2e}",
+            case.name
+        );
+        // On the CPU the max-pool op follows PyTorch's first-maximum rule exactly.
+        let tol = if matches!(case.op, Op::MaxPool { .. }) {
+            0.0
+        } else {
+            1e-5
+        };
+        if ey > tol || eg > tol {
+            failures.push(format!(
+                "{}: forward {ey:.2e}, gradient {eg:.2e} > {tol:e}",
+                case.name
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    Ok(())
+}

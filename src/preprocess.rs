@@ -23,7 +23,7 @@ use fast_image_resize as fir;
 use image::RgbImage;
 
 use crate::alexnet::Layout;
-use crate::convert::{META_CROP, META_MEAN};
+use crate::convert::{META_CROP, META_MEAN, META_RESIZE};
 use crate::error::{Error, Result};
 
 /// How an image is resized before the centre crop.
@@ -53,6 +53,23 @@ pub struct Preprocess {
     pub min_side: u32,
     /// Caffe's mean image, subtracted pixel by pixel instead of `mean` (see [`MeanImage`]).
     pub mean_image: Option<Arc<MeanImage>>,
+}
+
+fn parse_resize(s: &str) -> Option<Resize> {
+    let side = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| (1..=16384).contains(&n))
+    };
+    match s.trim().split_once(':')? {
+        ("shorter", n) => Some(Resize::ShorterSide(side(n)?)),
+        ("exact", wh) => {
+            let (w, h) = wh.split_once('x')?;
+            Some(Resize::Exact(side(w)?, side(h)?))
+        }
+        _ => None,
+    }
 }
 
 /// A per-pixel mean, as Caffe's `ilsvrc_2012_mean.binaryproto` (`3x256x256`, BGR): `(3, H, W)`
@@ -209,7 +226,48 @@ impl Preprocess {
                     ))
                 })?;
         }
+        if let Some(resize) = metadata.get(META_RESIZE) {
+            self.resize = parse_resize(resize).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "metadata `{META_RESIZE}` = `{resize}`; expected `shorter:N` or `exact:WxH`"
+                ))
+            })?;
+        }
         Ok(self)
+    }
+
+    /// The metadata that [`Preprocess::with_metadata`] reads back, on top of the preset this
+    /// pipeline's channel order implies (`preprocess`): mean, crop and resize. (A mean image
+    /// travels as a tensor, [`crate::convert::MEAN_IMAGE_KEY`].)
+    ///
+    /// ```
+    /// use candle_zoo::preprocess::{Preprocess, Resize};
+    /// let mut p = Preprocess::torchvision();
+    /// (p.resize, p.crop) = (Resize::ShorterSide(73), 64);
+    /// let back = Preprocess::torchvision().with_metadata(&p.metadata())?;
+    /// assert_eq!(back, p);
+    /// # Ok::<(), candle_zoo::Error>(())
+    /// ```
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        let preset = if self.bgr {
+            Preset::Caffe
+        } else {
+            Preset::TorchVision
+        };
+        let [a, b, c] = self.mean;
+        let resize = match self.resize {
+            Resize::ShorterSide(n) => format!("shorter:{n}"),
+            Resize::Exact(w, h) => format!("exact:{w}x{h}"),
+        };
+        BTreeMap::from([
+            (
+                crate::weights::META_PREPROCESS.to_string(),
+                preset.name().to_string(),
+            ),
+            (META_MEAN.to_string(), format!("{a},{b},{c}")),
+            (META_CROP.to_string(), self.crop.to_string()),
+            (META_RESIZE.to_string(), resize),
+        ])
     }
 
     /// Decodes an image file (any supported format, whatever its extension) as RGB.
@@ -246,6 +304,18 @@ impl Preprocess {
     /// crop's pixels have the same sampling positions and weights as in the whole resized image,
     /// and the rest is never computed.
     pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage> {
+        Ok(self.resize_and_crop_at(image, |_, _, centre| centre)?.0)
+    }
+
+    /// [`Preprocess::resize_and_crop`] with the crop placed by `place(resized_width,
+    /// resized_height, centre_offset)`, which returns the crop's `(left, top)` in the resized
+    /// image; gives the crop and that offset. Used by the training augmentation (random and
+    /// corner crops), which must resample exactly as evaluation does.
+    pub(crate) fn resize_and_crop_at(
+        &self,
+        image: &RgbImage,
+        place: impl FnOnce(u32, u32, (u32, u32)) -> (u32, u32),
+    ) -> Result<(RgbImage, (u32, u32))> {
         let (w, h) = image.dimensions();
         let (nw, nh) = match self.resize {
             Resize::ShorterSide(s) if w <= h => (s, (s as u64 * h as u64 / w as u64) as u32),
@@ -258,26 +328,39 @@ impl Preprocess {
                 self.crop
             )));
         }
-        let (left, top) = (centre_offset(nw, self.crop), centre_offset(nh, self.crop));
+        let centre = (centre_offset(nw, self.crop), centre_offset(nh, self.crop));
+        let (left, top) = place(nw, nh, centre);
+        if left > nw - self.crop || top > nh - self.crop {
+            return Err(Error::Invalid(format!(
+                "a {} crop at ({left}, {top}) does not fit in the {nw}x{nh} resized image",
+                self.crop
+            )));
+        }
         if (nw, nh) == (w, h) {
-            return Ok(
-                image::imageops::crop_imm(image, left, top, self.crop, self.crop).to_image(),
-            );
+            let crop = image::imageops::crop_imm(image, left, top, self.crop, self.crop);
+            return Ok((crop.to_image(), (left, top)));
         }
         let (sx, sy) = (w as f64 / nw as f64, h as f64 / nh as f64);
         let crop = self.crop as f64;
+        let (x0, y0) = (left as f64 * sx, top as f64 * sy);
+        // A crop flush with the right or bottom edge can overshoot the source by an ulp.
+        let (cw, ch) = (
+            (crop * sx).min(w as f64 - x0),
+            (crop * sy).min(h as f64 - y0),
+        );
         let resize_err = |e: String| Error::Invalid(format!("resizing a {w}x{h} image: {e}"));
         let src = fir::images::ImageRef::new(w, h, image.as_raw(), fir::PixelType::U8x3)
             .map_err(|e| resize_err(e.to_string()))?;
         let mut dst = fir::images::Image::new(self.crop, self.crop, fir::PixelType::U8x3);
         let options = fir::ResizeOptions::new()
             .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Bilinear))
-            .crop(left as f64 * sx, top as f64 * sy, crop * sx, crop * sy);
+            .crop(x0, y0, cw, ch);
         fir::Resizer::new()
             .resize(&src, &mut dst, &options)
             .map_err(|e| resize_err(e.to_string()))?;
-        RgbImage::from_raw(self.crop, self.crop, dst.into_vec())
-            .ok_or_else(|| resize_err("unexpected buffer size".into()))
+        let out = RgbImage::from_raw(self.crop, self.crop, dst.into_vec())
+            .ok_or_else(|| resize_err("unexpected buffer size".into()))?;
+        Ok((out, (left, top)))
     }
 
     /// Scales, reorders and normalises an RGB image into a `(3, H, W)` f32 tensor.

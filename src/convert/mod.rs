@@ -41,6 +41,9 @@ use crate::weights::{Checkpoint, Format, META_LAYOUT, META_PREPROCESS};
 pub const META_MEAN: &str = "preprocess.mean";
 /// Metadata key: the side of the centre crop the model is fed.
 pub const META_CROP: &str = "preprocess.crop";
+/// Metadata key: how images are resized before the crop, `shorter:N` or `exact:WxH` (written
+/// for models trained at other sizes than the published ones).
+pub const META_RESIZE: &str = "preprocess.resize";
 /// Tensor key of a Caffe mean image stored with the weights: `(3, H, W)` f32, subtracted pixel
 /// by pixel (see [`crate::preprocess::MeanImage`]).
 pub const MEAN_IMAGE_KEY: &str = "preprocess.mean_image";

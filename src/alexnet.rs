@@ -30,6 +30,7 @@ use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 
 use crate::error::{Error, Result};
 use crate::layers::{max_pool2d, pooled_size, AdaptiveAvgPool2d, LocalResponseNorm};
+use crate::rng::Rng;
 
 /// Which published AlexNet the model follows. See the [module docs](self) for a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -345,7 +346,10 @@ impl Config {
 /// | `Pool5` | after the last max-pool (and torchvision's adaptive avg-pool) | `(N, 256, 6, 6)` |
 /// | `Fc6`, `Fc7` | after their ReLU (torchvision's `classifier.2`/`.5`, Caffe's `fc6`/`fc7` blobs) | `(N, 4096)` |
 /// | `Logits` | the last layer, before softmax | `(N, classes)` |
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Layer {
     Conv1,
     Conv2,
@@ -543,7 +547,7 @@ impl AlexNet {
     /// (see [`crate::preprocess`]). Which side of the ReLU each tap is on is documented on
     /// [`Layer`].
     pub fn extract(&self, x: &Tensor, layer: Layer) -> Result<Tensor> {
-        self.run(x, layer, false, |_, _| {})
+        self.run(x, layer, Mode::Eval, |_, _| {})
     }
 
     /// The `k` most probable classes of each image of a preprocessed batch, as
@@ -562,7 +566,7 @@ impl AlexNet {
             return Ok(Vec::new());
         };
         let mut taps: Vec<Option<Tensor>> = vec![None; layers.len()];
-        self.run(x, last, false, |layer, t| {
+        self.run(x, last, Mode::Eval, |layer, t| {
             for (slot, want) in taps.iter_mut().zip(layers) {
                 if *want == layer {
                     *slot = Some(t.clone());
@@ -577,12 +581,22 @@ impl AlexNet {
         &self,
         x: &Tensor,
         stop: Layer,
-        train: bool,
+        mode: Mode<'_>,
         mut tap: impl FnMut(Layer, &Tensor),
     ) -> Result<Tensor> {
         self.config.check_input(x.dims())?;
         let layout = self.config.layout;
-        let mut done = |layer: Layer, t: &Tensor| {
+        let (train, mut rng, frozen) = match mode {
+            Mode::Eval => (false, None, None),
+            Mode::Candle => (true, None, None),
+            Mode::Seeded { rng, frozen } => (true, Some(rng), frozen),
+        };
+        // Taps the output of `layer` and, at the frozen boundary, cuts the graph so that no
+        // gradient is computed for the layers before it.
+        let mut done = |layer: Layer, t: &mut Tensor| {
+            if frozen == Some(layer) {
+                *t = t.detach();
+            }
             tap(layer, t);
             layer == stop
         };
@@ -595,39 +609,45 @@ impl AlexNet {
                 Layout::CaffeNet => self.lrn.forward(&pool(t)?),
             }
         };
-        let drop = |t: Tensor| -> candle_core::Result<Tensor> {
-            if train && self.config.dropout > 0.0 {
-                candle_nn::ops::dropout(&t, self.config.dropout)
-            } else {
-                Ok(t)
+        let p = self.config.dropout;
+        let mut drop = |t: Tensor| -> candle_core::Result<Tensor> {
+            match rng.as_deref_mut() {
+                _ if !train || p == 0.0 => Ok(t),
+                None => candle_nn::ops::dropout(&t, p),
+                Some(rng) => {
+                    let mask = rng.dropout_mask(t.elem_count(), p);
+                    let mask =
+                        Tensor::from_vec(mask, t.shape(), t.device())?.to_dtype(t.dtype())?;
+                    t * mask
+                }
             }
         };
 
-        let h = self.conv1.forward(x)?.relu()?;
-        if done(Layer::Conv1, &h) {
+        let mut h = self.conv1.forward(x)?.relu()?;
+        if done(Layer::Conv1, &mut h) {
             return Ok(h);
         }
-        let h = self.conv2.forward(&norm_pool(&h)?)?.relu()?;
-        if done(Layer::Conv2, &h) {
+        let mut h = self.conv2.forward(&norm_pool(&h)?)?.relu()?;
+        if done(Layer::Conv2, &mut h) {
             return Ok(h);
         }
-        let h = self.conv3.forward(&norm_pool(&h)?)?.relu()?;
-        if done(Layer::Conv3, &h) {
+        let mut h = self.conv3.forward(&norm_pool(&h)?)?.relu()?;
+        if done(Layer::Conv3, &mut h) {
             return Ok(h);
         }
-        let h = self.conv4.forward(&h)?.relu()?;
-        if done(Layer::Conv4, &h) {
+        let mut h = self.conv4.forward(&h)?.relu()?;
+        if done(Layer::Conv4, &mut h) {
             return Ok(h);
         }
-        let h = self.conv5.forward(&h)?.relu()?;
-        if done(Layer::Conv5, &h) {
+        let mut h = self.conv5.forward(&h)?.relu()?;
+        if done(Layer::Conv5, &mut h) {
             return Ok(h);
         }
         let mut h = pool(&h)?;
         if layout == Layout::TorchVision {
             h = self.avgpool.forward(&h)?;
         }
-        if done(Layer::Pool5, &h) {
+        if done(Layer::Pool5, &mut h) {
             return Ok(h);
         }
         // torchvision drops out the inputs of fc6 and fc7, Caffe the outputs of relu6 and relu7.
@@ -636,17 +656,17 @@ impl AlexNet {
         if !caffe {
             h = drop(h)?;
         }
-        let h = self.fc6.forward(&h)?.relu()?;
-        if done(Layer::Fc6, &h) {
+        let mut h = self.fc6.forward(&h)?.relu()?;
+        if done(Layer::Fc6, &mut h) {
             return Ok(h);
         }
-        let h = self.fc7.forward(&drop(h)?)?.relu()?;
-        if done(Layer::Fc7, &h) {
+        let mut h = self.fc7.forward(&drop(h)?)?.relu()?;
+        if done(Layer::Fc7, &mut h) {
             return Ok(h);
         }
         let h = if caffe { drop(h)? } else { h };
-        let logits = self.fc8.forward(&h)?;
-        done(Layer::Logits, &logits);
+        let mut logits = self.fc8.forward(&h)?;
+        done(Layer::Logits, &mut logits);
         Ok(logits)
     }
 }
@@ -661,7 +681,7 @@ pub enum LayerRef<'a> {
 impl Module for AlexNet {
     /// Logits in eval mode: no dropout.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Ok(self.run(x, Layer::Logits, false, |_, _| {})?)
+        Ok(self.run(x, Layer::Logits, Mode::Eval, |_, _| {})?)
     }
 }
 
@@ -671,9 +691,59 @@ impl AlexNet {
     /// candle implements `ModuleT` for every `Module` (ignoring `train`), so this cannot be a
     /// `ModuleT` impl of its own: method syntax (`model.forward_t(&x, true)`) picks this inherent
     /// method, while generic code bound on `ModuleT` sees eval-mode logits.
+    ///
+    /// Dropout masks come from candle's RNG, which cannot be seeded on the CPU; training that
+    /// must be reproducible uses [`AlexNet::forward_train`].
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.run(x, Layer::Logits, train, |_, _| {})
+        let mode = if train { Mode::Candle } else { Mode::Eval };
+        self.run(x, Layer::Logits, mode, |_, _| {})
     }
+
+    /// Training-mode logits with dropout masks drawn from `rng`, and the layers up to and
+    /// including `frozen_through` frozen: their output is detached from the graph, so a
+    /// backward pass computes no gradient for them (or for anything before them).
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use candle_zoo::{rng::Rng, AlexNet, Config, Layer};
+    ///
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// let cfg = Config::torchvision().with_widths([8, 8, 8, 8, 8], 16).with_classes(3);
+    /// let model = AlexNet::new(&cfg, vb)?;
+    /// let x = Tensor::zeros((2, 3, 64, 64), DType::F32, &Device::Cpu)?;
+    /// let mut rng = Rng::new(7);
+    /// let logits = model.forward_train(&x, &mut rng, Some(Layer::Fc7))?;
+    /// let grads = logits.sum_all()?.backward()?;
+    /// assert!(grads.get(model.fc8.weight()).is_some());
+    /// assert!(grads.get(model.fc7.weight()).is_none()); // frozen: never computed
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn forward_train(
+        &self,
+        x: &Tensor,
+        rng: &mut Rng,
+        frozen_through: Option<Layer>,
+    ) -> Result<Tensor> {
+        let mode = Mode::Seeded {
+            rng,
+            frozen: frozen_through,
+        };
+        self.run(x, Layer::Logits, mode, |_, _| {})
+    }
+}
+
+/// How `AlexNet::run` treats dropout and frozen layers.
+enum Mode<'a> {
+    Eval,
+    /// Training with candle's (unseeded) dropout.
+    Candle,
+    /// Training with dropout from the crate's RNG and an optional frozen prefix.
+    Seeded {
+        rng: &'a mut Rng,
+        frozen: Option<Layer>,
+    },
 }
 
 /// Reads (or, from a `VarMap`, creates) the weight and bias under `prefix`, with PyTorch's

@@ -3,13 +3,18 @@
 //!
 //! - [`alexnet`]: the model ([`AlexNet`]), its [`Config`] and [`Layout`]s, and the [`Layer`]
 //!   taps for intermediate features;
-//! - [`layers`]: LRN and adaptive average pooling, which candle lacks;
+//! - [`layers`]: LRN, adaptive average pooling and a trainable overlapping max-pool, which
+//!   candle lacks;
 //! - [`weights`]: local checkpoints (safetensors, PyTorch `.pth`) and the registry of known
 //!   pretrained files; [`hub`]: downloads from the Hugging Face hub;
 //! - [`convert`]: Caffe `.caffemodel`, ONNX and PyTorch AlexNet weights to safetensors;
 //! - [`data`]: finding images and decoding them on worker threads; [`features`]: feature
 //!   matrices for many images, resumable and written atomically;
 //! - [`preprocess`]: image loading and the torchvision and Caffe input pipelines;
+//! - training: [`dataset`] (labelled image folders, a loader on worker threads), [`augment`]
+//!   (the paper's crops, mirrors and PCA lighting), [`rng`] (the seeded RNG every random draw
+//!   comes from), [`optim`] (SGD with momentum, weight decay, parameter groups and schedules),
+//!   [`train`] (the loop, resumable checkpoints, metrics) and [`plot`] (training curves);
 //! - [`cli`] (feature `cli`, on by default): the flags the examples share;
 //! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection; [`io`]: atomic
 //!   file writes.
@@ -30,10 +35,12 @@
 //! ```
 
 pub mod alexnet;
+pub mod augment;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod convert;
 pub mod data;
+pub mod dataset;
 pub mod device;
 mod error;
 pub mod features;
@@ -41,7 +48,11 @@ pub mod hub;
 pub mod imagenet;
 pub mod io;
 pub mod layers;
+pub mod optim;
+pub mod plot;
 pub mod preprocess;
+pub mod rng;
+pub mod train;
 pub mod weights;
 
 pub use alexnet::{AlexNet, Config, Layer, Layout};

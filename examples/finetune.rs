@@ -1,0 +1,98 @@
+//! Fine-tunes pretrained AlexNet weights on an image folder: a new head for its classes, and
+//! either a frozen backbone (`--freeze-through LAYER`: no gradients are computed up to it) or
+//! every layer training, the new head at `--head-lr-mult` times the base rate.
+//!
+//! ```text
+//! cargo run --release --example finetune -- --data DATA --out runs/ft --freeze-through fc7
+//! cargo run --release --example finetune -- --weights alexnet.safetensors --data DATA --out runs/ft
+//! ```
+//! Outputs are those of `train`, and the final confusion matrix is printed and written to
+//! `confusion.csv`.
+
+use anyhow::{Context, Result};
+use candle_zoo::cli::{run_training, ModelArgs, TrainArgs};
+use candle_zoo::device;
+use candle_zoo::train::{ParamPolicy, Trainer, CONFUSION_CSV};
+use candle_zoo::Layer;
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Fine-tune pretrained AlexNet on an image folder")]
+struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+
+    #[command(flatten)]
+    train: TrainArgs,
+
+    /// Freeze the layers up to and including this one (conv1..conv5, pool5, fc6, fc7).
+    /// Without it every layer trains.
+    #[arg(long, value_name = "LAYER")]
+    freeze_through: Option<Layer>,
+
+    /// Learning-rate multiplier of the new head (Caffe's fine-tuning example uses 10).
+    #[arg(long, default_value_t = 10.0)]
+    head_lr_mult: f64,
+
+    /// Dropout before (torchvision) or after (Caffe) fc6 and fc7.
+    #[arg(long, default_value_t = 0.5)]
+    dropout: f32,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = args.model.device()?;
+    let mut trainer = args.train.trainer(&device, |train, val| {
+        let loaded = args.model.load(&device)?;
+        eprintln!("pretrained weights: {}", loaded.path.display());
+        let model = loaded
+            .model
+            .config()
+            .clone()
+            .with_classes(train.classes().len())
+            .with_dropout(args.dropout);
+        let head = format!("{}.", model.layout.key_prefixes()[7]);
+        let weights: Vec<_> = loaded
+            .model
+            .named_tensors()
+            .into_iter()
+            .filter(|(key, _)| !key.starts_with(&head))
+            .collect();
+        let policy = ParamPolicy {
+            head_lr_mult: args.head_lr_mult,
+            freeze_through: args.freeze_through,
+            ..ParamPolicy::default()
+        };
+        let settings = args.train.config(10, 0.001, policy);
+        Trainer::with_weights(
+            &model,
+            &weights,
+            loaded.preprocess,
+            train,
+            val,
+            settings,
+            &args.train.out,
+            &device,
+        )
+    })?;
+    eprintln!(
+        "fine-tuning a {} AlexNet to {} classes on {}; outputs in {}",
+        trainer.model().layout(),
+        trainer.model().num_classes(),
+        device::describe(&device),
+        trainer.out_dir().display()
+    );
+    run_training(&mut trainer).context("fine-tuning failed")?;
+    if let Some(eval) = trainer.last_evaluation() {
+        println!("confusion matrix (rows: true class, columns: predicted):");
+        print!("{}", eval.confusion_table(&trainer.classes()));
+        println!(
+            "top-1 {:.2}%, top-5 {:.2}% on {} images; written to {}",
+            100.0 * eval.top1,
+            100.0 * eval.top5,
+            eval.images,
+            trainer.out_dir().join(CONFUSION_CSV).display()
+        );
+    }
+    Ok(())
+}

@@ -77,16 +77,35 @@ pub fn collect_images<S: AsRef<str>>(inputs: &[S]) -> Result<Vec<PathBuf>> {
 }
 
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    walk_images(dir, &IMAGE_EXTENSIONS, false, out)
+}
+
+/// Appends the files under `dir` (recursively, following symlinked folders) whose extension is
+/// one of `extensions` (case-insensitive), skipping names that start with `.` when
+/// `skip_hidden`. Unsorted.
+pub(crate) fn walk_images(
+    dir: &Path,
+    extensions: &[&str],
+    skip_hidden: bool,
+    out: &mut Vec<PathBuf>,
+) -> Result<()> {
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
+        let hidden = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with('.'));
+        if skip_hidden && hidden {
+            continue;
+        }
         let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
         if kind.is_dir() || (kind.is_symlink() && path.is_dir()) {
-            walk(&path, out)?;
+            walk_images(&path, extensions, skip_hidden, out)?;
         } else if path
             .extension()
             .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+            .is_some_and(|e| extensions.contains(&e.to_ascii_lowercase().as_str()))
         {
             out.push(path);
         }

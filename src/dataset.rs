@@ -218,22 +218,7 @@ fn class_dirs(root: &Path) -> Result<Vec<String>> {
 
 /// Image files under `dir`, recursively (following links to folders).
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let path = entry.map_err(|e| Error::io(dir, e))?.path();
-        if is_hidden(&path) {
-            continue;
-        }
-        if path.is_dir() {
-            walk(&path, out)?;
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        {
-            out.push(path);
-        }
-    }
-    Ok(())
+    crate::data::walk_images(dir, &IMAGE_EXTENSIONS, true, out)
 }
 
 /// The order of the samples in `epoch`: `0..n`, shuffled (when `shuffle`) by

@@ -298,8 +298,8 @@ pub struct Trainer {
 
 impl Trainer {
     /// A new run of a freshly initialised `model` (He-uniform weights and zero biases drawn
-    /// from `config.seed`), writing
-    /// into `out` (created if needed). `model.num_classes` must match the data's classes.
+    /// from `config.seed`), writing into `out` (created if needed). `model.num_classes` must
+    /// match the data's classes.
     pub fn new(
         model: &Config,
         preprocess: Preprocess,
@@ -441,11 +441,6 @@ impl Trainer {
         let preprocess = ckpt.preprocess_for(model_config.layout)?;
         let tensors = candle_core::safetensors::load(&path, device)
             .map_err(|e| Error::checkpoint(&path, e))?;
-        let weights: Vec<(String, Tensor)> = tensors
-            .iter()
-            .filter(|(k, _)| !k.starts_with("optim.") && !k.starts_with("preprocess."))
-            .map(|(k, t)| (k.clone(), t.clone()))
-            .collect();
         let varmap = VarMap::new();
         let net = AlexNet::new(
             &model_config,
@@ -458,7 +453,6 @@ impl Trainer {
                 .ok_or_else(|| Error::checkpoint(&path, format!("missing tensor `{key}`")))?;
             var.set(t)?;
         }
-        drop(weights);
         let groups = param_groups(&net, &vars, &config.policy)?;
         let mut sgd = Sgd::new(groups, config.sgd)?;
         sgd.load_state(&tensors, meta)?;

@@ -184,20 +184,24 @@ impl Evaluation {
     ///     confusion: vec![vec![1, 1], vec![0, 1]], failed: vec![],
     /// };
     /// let table = eval.confusion_table(&["cat".into(), "dog".into()]);
-    /// assert_eq!(table.lines().nth(1), Some(" [0] cat   1   1"));
+    /// assert_eq!(table.lines().nth(1), Some("[0] cat   1   1"));
     /// ```
     pub fn confusion_table(&self, classes: &[String]) -> String {
-        let name_w = classes.iter().map(|c| c.len()).max().unwrap_or(0).max(4);
+        let labels: Vec<String> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("[{i}] {c}"))
+            .collect();
+        let label_w = labels.iter().map(|l| l.len()).max().unwrap_or(0);
         let max = self.confusion.iter().flatten().max().copied().unwrap_or(0);
         let cell_w = max.to_string().len().max(classes.len().to_string().len()) + 3;
-        let mut out = " ".repeat(name_w + 4);
+        let mut out = " ".repeat(label_w);
         for j in 0..classes.len() {
             out.push_str(&format!("{:>cell_w$}", format!("[{j}]")));
         }
         out.push('\n');
-        for (i, (c, row)) in classes.iter().zip(&self.confusion).enumerate() {
-            let label = format!("[{i}] {c}");
-            out.push_str(&format!("{label:>w$}", w = name_w + 4));
+        for (label, row) in labels.iter().zip(&self.confusion) {
+            out.push_str(&format!("{label:<label_w$}"));
             for n in row {
                 out.push_str(&format!("{n:>cell_w$}"));
             }

@@ -11,7 +11,6 @@
 
 use anyhow::{Context, Result};
 use candle_zoo::cli::{run_training, ModelArgs, TrainArgs};
-use candle_zoo::device;
 use candle_zoo::train::{ParamPolicy, Trainer, CONFUSION_CSV};
 use candle_zoo::Layer;
 use clap::Parser;
@@ -75,14 +74,7 @@ fn main() -> Result<()> {
             &device,
         )
     })?;
-    eprintln!(
-        "fine-tuning a {} AlexNet to {} classes on {}; outputs in {}",
-        trainer.model().layout(),
-        trainer.model().num_classes(),
-        device::describe(&device),
-        trainer.out_dir().display()
-    );
-    run_training(&mut trainer).context("fine-tuning failed")?;
+    run_training(&mut trainer, "fine-tuning").context("fine-tuning failed")?;
     if let Some(eval) = trainer.last_evaluation() {
         println!("confusion matrix (rows: true class, columns: predicted):");
         print!("{}", eval.confusion_table(&trainer.classes()));

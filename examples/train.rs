@@ -15,7 +15,7 @@
 
 use anyhow::{Context, Result};
 use candle_zoo::cli::{run_training, TrainArgs};
-use candle_zoo::device::{self, DeviceChoice};
+use candle_zoo::device::DeviceChoice;
 use candle_zoo::preprocess::Preprocess;
 use candle_zoo::train::{pipeline_for_size, ParamPolicy, Trainer};
 use candle_zoo::{Config, Layout};
@@ -86,14 +86,7 @@ fn main() -> Result<()> {
             &device,
         )
     })?;
-    eprintln!(
-        "training a {} AlexNet ({} classes) on {}; outputs in {}",
-        trainer.model().layout(),
-        trainer.model().num_classes(),
-        device::describe(&device),
-        trainer.out_dir().display()
-    );
-    run_training(&mut trainer).context("training failed")?;
+    run_training(&mut trainer, "training").context("training failed")?;
     eprintln!("done: {}", trainer.out_dir().display());
     Ok(())
 }

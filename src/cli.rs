@@ -376,8 +376,16 @@ impl TrainArgs {
     }
 }
 
-/// Runs a trainer to the end with a progress bar per epoch and a summary line per epoch.
-pub fn run_training(trainer: &mut Trainer) -> Result<()> {
+/// Runs a trainer to the end with a progress bar per epoch and a summary line per epoch,
+/// after a line saying what runs where (`what`: "training", "fine-tuning").
+pub fn run_training(trainer: &mut Trainer, what: &str) -> Result<()> {
+    eprintln!(
+        "{what} a {} AlexNet ({} classes) on {}; outputs in {}",
+        trainer.model().layout(),
+        trainer.model().num_classes(),
+        crate::device::describe(trainer.device()),
+        trainer.out_dir().display()
+    );
     let mut bar: Option<Progress> = None;
     let mut eval_bar: Option<Progress> = None;
     let mut skipped = 0usize;

@@ -499,6 +499,11 @@ impl Trainer {
         self.train_set.classes().to_vec()
     }
 
+    /// The device the run computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The output folder.
     pub fn out_dir(&self) -> &Path {
         &self.out

@@ -39,15 +39,13 @@
 //! # Ok::<(), candle_zoo::Error>(())
 //! ```
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
 use crate::augment::Augment;
+use crate::data::OrderedPool;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -314,30 +312,6 @@ impl Job {
     }
 }
 
-/// Worker threads at work, and the batches they finished ahead of the consumer.
-struct Running {
-    rx: Option<mpsc::Receiver<(usize, LabelledBatch)>>,
-    pending: BTreeMap<usize, LabelledBatch>,
-    /// `(batches yielded so far, cancelled)`: workers wait while they are too far ahead.
-    gate: Arc<(Mutex<(usize, bool)>, Condvar)>,
-    handles: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let (lock, cvar) = &*self.gate;
-        if let Ok(mut g) = lock.lock() {
-            g.1 = true;
-        }
-        cvar.notify_all();
-        // Dropping the receiver also unblocks a worker that is sending.
-        self.rx.take();
-        for h in self.handles.drain(..) {
-            let _ = h.join();
-        }
-    }
-}
-
 /// Decodes and augments batches on worker threads while the caller trains; yields them in order.
 ///
 /// Workers take whole batches and run at most `workers + 1` batches ahead of the consumer, so
@@ -350,7 +324,8 @@ pub struct LabelledLoader {
     workers: usize,
     /// The next batch to yield.
     next: usize,
-    running: Option<Running>,
+    /// Started on the first `next`, so that `skip_batches` decodes nothing.
+    running: Option<OrderedPool<LabelledBatch>>,
 }
 
 impl LabelledLoader {
@@ -418,48 +393,12 @@ impl LabelledLoader {
         self.len() == 0
     }
 
-    fn start(&self) -> Running {
-        let workers = self.workers.min(self.len()).max(1);
-        let ahead = workers + 1;
-        let first = self.next;
-        let (tx, rx) = mpsc::channel();
-        let counter = Arc::new(AtomicUsize::new(first));
-        let gate = Arc::new((Mutex::new((first, false)), Condvar::new()));
-        let handles = (0..workers)
-            .map(|_| {
-                let (tx, job, counter, gate) =
-                    (tx.clone(), self.job.clone(), counter.clone(), gate.clone());
-                std::thread::spawn(move || loop {
-                    let b = counter.fetch_add(1, Ordering::SeqCst);
-                    if b >= job.batches {
-                        break;
-                    }
-                    // Wait until the consumer is close enough, or the loader is dropped.
-                    {
-                        let (lock, cvar) = &*gate;
-                        let Ok(mut g) = lock.lock() else { break };
-                        while !g.1 && b >= g.0 + ahead {
-                            g = match cvar.wait(g) {
-                                Ok(g) => g,
-                                Err(_) => return,
-                            };
-                        }
-                        if g.1 {
-                            break;
-                        }
-                    }
-                    if tx.send((b, job.batch(b))).is_err() {
-                        break;
-                    }
-                })
-            })
-            .collect();
-        Running {
-            rx: Some(rx),
-            pending: BTreeMap::new(),
-            gate,
-            handles,
-        }
+    fn start(&self) -> OrderedPool<LabelledBatch> {
+        let job = self.job.clone();
+        let workers = self.workers;
+        OrderedPool::new(self.next..job.batches, workers, workers + 1, move |b| {
+            job.batch(b)
+        })
     }
 }
 
@@ -474,33 +413,15 @@ impl Iterator for LabelledLoader {
         if self.running.is_none() {
             self.running = Some(self.start());
         }
-        let want = self.next;
-        let running = self.running.as_mut()?;
-        let batch = loop {
-            if let Some(b) = running.pending.remove(&want) {
-                break b;
+        let item = self.running.as_mut()?.next()?;
+        match item {
+            Ok(_) => self.next += 1,
+            Err(_) => {
+                self.next = self.job.batches;
+                self.running = None;
             }
-            match running.rx.as_ref()?.recv() {
-                Ok((b, batch)) => {
-                    running.pending.insert(b, batch);
-                }
-                Err(_) => {
-                    // Every sender is gone before batch `want` arrived: a worker panicked.
-                    self.next = self.job.batches;
-                    self.running = None;
-                    return Some(Err(Error::Invalid(format!(
-                        "a data loader worker stopped unexpectedly before batch {want}"
-                    ))));
-                }
-            }
-        };
-        self.next += 1;
-        let (lock, cvar) = &*running.gate;
-        if let Ok(mut g) = lock.lock() {
-            g.0 = self.next;
         }
-        cvar.notify_all();
-        Some(Ok(batch))
+        Some(item)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

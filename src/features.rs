@@ -511,6 +511,7 @@ pub fn extract_to(
 ) -> Result<()> {
     let total = writer.state.inputs.len();
     for batch in loader {
+        let batch = batch?;
         let (tensor, ok) = batch.tensor(device)?;
         let mut rows = match tensor {
             Some(x) => {

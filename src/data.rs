@@ -377,7 +377,10 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         // One consumed: workers may have claimed up to `ahead` items past it, plus one each
         // that waits at the gate without running.
-        assert!(started.load(Ordering::SeqCst) <= 1 + 4, "workers ran too far ahead");
+        assert!(
+            started.load(Ordering::SeqCst) <= 1 + 4,
+            "workers ran too far ahead"
+        );
         let rest: Vec<usize> = pool.map(|r| r.unwrap()).collect();
         assert_eq!(rest, (4..40).map(|i| i * 10).collect::<Vec<_>>());
     }

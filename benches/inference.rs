@@ -1,40 +1,52 @@
 //! Forward-pass throughput of the published AlexNet shapes (fresh weights: speed does not depend
-//! on their values), per layout and batch size.
+//! on their values), per layout (torchvision at 224 px, the two-tower model at 227 px) and batch
+//! size (1, 16, 64), plus fc7 extraction at batch 16.
 //!
-//! `cargo bench --bench inference` — the PyTorch side of the comparison is issue #5's
-//! `benches/` script; no speed claim is made from this file alone.
+//! `cargo bench --bench inference` — the same workloads against PyTorch, with peak memory and
+//! the share of the sgemm peak: `python3 benches/compare.py`.
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::{Module, VarBuilder, VarMap};
-use candle_zoo::alexnet::{AlexNet, Config, Layer};
+#[path = "../benches/workloads.rs"]
+mod workloads;
+
+use candle_core::Device;
+use candle_zoo::alexnet::Layer;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use workloads::{Inference, Sgemm, INFER_BATCHES, LAYOUTS, SGEMM_N};
 
 fn inference(c: &mut Criterion) {
     let device = Device::Cpu;
     let mut group = c.benchmark_group("alexnet_forward");
     group.sample_size(10);
-    for config in [Config::torchvision(), Config::alexnet()] {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
-        let model = AlexNet::new(&config, vb).expect("build model");
-        let side = config.layout.input_size();
-        for batch in [1usize, 16] {
-            let x = Tensor::randn(0f32, 1., (batch, 3, side, side), &device).expect("input");
+    for layout in LAYOUTS {
+        for batch in INFER_BATCHES {
+            let w = Inference::new(layout, batch, &device).expect("build workload");
             group.throughput(Throughput::Elements(batch as u64));
-            group.bench_with_input(BenchmarkId::new(config.layout.name(), batch), &x, |b, x| {
-                b.iter(|| model.forward(x).expect("forward"))
+            group.bench_function(BenchmarkId::new(layout.name(), batch), |b| {
+                b.iter(|| w.run().expect("forward"))
             });
         }
         // fc7 features stop before fc8: the cost of feature extraction.
-        let x = Tensor::randn(0f32, 1., (16, 3, side, side), &device).expect("input");
-        group.bench_with_input(
-            BenchmarkId::new(format!("{}-fc7", config.layout.name()), 16),
-            &x,
-            |b, x| b.iter(|| model.extract(x, Layer::Fc7).expect("extract")),
+        let w = Inference::new(layout, 16, &device).expect("build workload");
+        group.throughput(Throughput::Elements(16));
+        group.bench_function(
+            BenchmarkId::new(format!("{}-fc7", layout.name()), 16),
+            |b| b.iter(|| w.model.extract(&w.x, Layer::Fc7).expect("extract")),
         );
     }
     group.finish();
 }
 
-criterion_group!(benches, inference);
+/// The yardstick: one 2048^3 f32 matmul through candle (the `gemm` crate).
+fn sgemm(c: &mut Criterion) {
+    let w = Sgemm::new(SGEMM_N, &Device::Cpu).expect("build workload");
+    let mut group = c.benchmark_group("sgemm");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(w.flops() as u64));
+    group.bench_function(BenchmarkId::from_parameter(SGEMM_N), |b| {
+        b.iter(|| w.run().expect("matmul"))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, inference, sgemm);
 criterion_main!(benches);

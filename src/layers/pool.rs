@@ -225,7 +225,7 @@ const MIN_WORK_PER_THREAD: usize = 1 << 16;
 
 /// Runs `f(planes, out_chunk)` over chunks of whole `(n, c)` planes of `out` (`out_plane`
 /// elements each), on scoped threads when there is enough work. Each plane is independent,
-/// so the result does not depend on the split. (rayon is not a dependency of this crate.)
+/// so the result does not depend on the split.
 fn for_plane_chunks<T: Send>(
     planes: usize,
     out: &mut [T],

@@ -29,7 +29,7 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 
 use crate::error::{Error, Result};
-use crate::layers::{max_pool2d, pooled_size, AdaptiveAvgPool2d, LocalResponseNorm};
+use crate::layers::{conv2d, max_pool2d, pooled_size, AdaptiveAvgPool2d, LocalResponseNorm};
 use crate::rng::Rng;
 
 /// Which published AlexNet the model follows. See the [module docs](self) for a table.
@@ -623,23 +623,27 @@ impl AlexNet {
             }
         };
 
-        let mut h = self.conv1.forward(x)?.relu()?;
+        // conv + bias + ReLU as one op (a gemm forward and backward on the CPU); the conv taps
+        // are after the ReLU.
+        let conv_relu =
+            |conv: &Conv2d, t: &Tensor| conv2d(t, conv.weight(), conv.bias(), conv.config(), true);
+        let mut h = conv_relu(&self.conv1, x)?;
         if done(Layer::Conv1, &mut h) {
             return Ok(h);
         }
-        let mut h = self.conv2.forward(&norm_pool(&h)?)?.relu()?;
+        let mut h = conv_relu(&self.conv2, &norm_pool(&h)?)?;
         if done(Layer::Conv2, &mut h) {
             return Ok(h);
         }
-        let mut h = self.conv3.forward(&norm_pool(&h)?)?.relu()?;
+        let mut h = conv_relu(&self.conv3, &norm_pool(&h)?)?;
         if done(Layer::Conv3, &mut h) {
             return Ok(h);
         }
-        let mut h = self.conv4.forward(&h)?.relu()?;
+        let mut h = conv_relu(&self.conv4, &h)?;
         if done(Layer::Conv4, &mut h) {
             return Ok(h);
         }
-        let mut h = self.conv5.forward(&h)?.relu()?;
+        let mut h = conv_relu(&self.conv5, &h)?;
         if done(Layer::Conv5, &mut h) {
             return Ok(h);
         }

@@ -1,18 +1,19 @@
-//! Input gradients of candle-zoo's own layers against PyTorch's, from
+//! Gradients of candle-zoo's own layers against PyTorch's, from
 //! `tests/fixtures/grads.safetensors` (written by `scripts/make_grad_fixtures.py`).
 //!
 //! Each case differentiates `sum(f(x) * w)`, with `x` and `w` from `det_values`, and checks
 //! the forward output and the input gradient at a max relative error of 1e-5 (relative to the
-//! largest |value| of PyTorch's tensor). Max-pool gradients are sums of `w` values routed to each
-//! window's first maximum, so on the CPU they match PyTorch exactly, ties included.
+//! largest |value| of PyTorch's tensor); conv cases also check the weight and bias gradients.
+//! Max-pool gradients are sums of `w` values routed to each window's first maximum, so on the
+//! CPU they match PyTorch exactly, ties included.
 
 mod common;
 
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, Var};
-use candle_nn::Module;
-use candle_zoo::layers::{max_pool2d, AdaptiveAvgPool2d, LocalResponseNorm};
+use candle_nn::{Conv2dConfig, Module};
+use candle_zoo::layers::{conv2d, max_pool2d, AdaptiveAvgPool2d, LocalResponseNorm};
 use common::{det_values, rel_err};
 
 enum Op {
@@ -23,6 +24,36 @@ enum Op {
     },
     Lrn(LocalResponseNorm),
     Adaptive(usize, usize),
+    /// conv2d + bias (+ ReLU) with a `(cout, cin / groups, kernel, kernel)` weight.
+    Conv {
+        cout: usize,
+        kernel: usize,
+        cfg: Conv2dConfig,
+        relu: bool,
+    },
+}
+
+/// `(out_channels, kernel, stride, padding, groups, relu)`, as the script lists them.
+fn conv(
+    cout: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    relu: bool,
+) -> Op {
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        groups,
+        ..Default::default()
+    };
+    Op::Conv {
+        cout,
+        kernel,
+        cfg,
+        relu,
+    }
 }
 
 struct Case {
@@ -125,6 +156,27 @@ fn cases() -> Vec<Case> {
         ),
         case("adaptive_7x9", Op::Adaptive(6, 6), [1, 2, 7, 9], 1.0, false),
         case("adaptive_5x5", Op::Adaptive(6, 6), [1, 2, 5, 5], 1.0, false),
+        case(
+            "conv_k11_s4_groups2_relu",
+            conv(6, 11, 4, 2, 2, true),
+            [3, 4, 27, 31],
+            1.0,
+            false,
+        ),
+        case(
+            "conv_k5_groups2_relu",
+            conv(8, 5, 1, 2, 2, true),
+            [2, 6, 9, 8],
+            1.0,
+            false,
+        ),
+        case(
+            "conv_k3_pad0",
+            conv(4, 3, 1, 0, 1, false),
+            [1, 3, 7, 6],
+            1.0,
+            false,
+        ),
     ]
 }
 
@@ -149,8 +201,35 @@ fn input(case: &Case) -> Vec<f32> {
     }
 }
 
-fn apply(op: &Op, x: &Tensor) -> candle_core::Result<Tensor> {
+/// A conv case's weight and bias, from `det_values` as in the script: the weight bounded by
+/// `1 / sqrt(fan_in)`, the bias by 0.1.
+fn conv_params(case: &Case) -> Option<(Var, Var)> {
+    let Op::Conv {
+        cout, kernel, cfg, ..
+    } = &case.op
+    else {
+        return None;
+    };
+    let dims = [*cout, case.shape[1] / cfg.groups, *kernel, *kernel];
+    let fan_in: usize = dims[1..].iter().product();
+    let w = det_values(
+        &format!("{}.weight", case.name),
+        dims.iter().product(),
+        1.0 / (fan_in as f64).sqrt(),
+    );
+    let b = det_values(&format!("{}.bias", case.name), *cout, 0.1);
+    Some((
+        Var::from_vec(w, dims.as_slice(), &Device::Cpu).expect("weight"),
+        Var::from_vec(b, *cout, &Device::Cpu).expect("bias"),
+    ))
+}
+
+fn apply(op: &Op, x: &Tensor, params: Option<&(Var, Var)>) -> candle_core::Result<Tensor> {
     match op {
+        Op::Conv { cfg, relu, .. } => {
+            let (w, b) = params.expect("conv parameters");
+            conv2d(x, w.as_tensor(), Some(b.as_tensor()), cfg, *relu)
+        }
         Op::MaxPool {
             kernel,
             stride,
@@ -166,10 +245,21 @@ fn flat(t: &Tensor) -> Vec<f32> {
 }
 
 #[test]
-fn input_gradients_match_pytorch() -> anyhow::Result<()> {
+fn gradients_match_pytorch() -> anyhow::Result<()> {
     let fx = fixtures();
     let cases = cases();
-    assert_eq!(fx.len(), 3 * cases.len(), "fixture and case list disagree");
+    // x, y, grad per case; conv cases add weight, bias and their gradients.
+    let tensors: usize = cases
+        .iter()
+        .map(|c| {
+            if matches!(c.op, Op::Conv { .. }) {
+                7
+            } else {
+                3
+            }
+        })
+        .sum();
+    assert_eq!(fx.len(), tensors, "fixture and case list disagree");
     let mut failures = Vec::new();
     for case in &cases {
         let get = |what: &str| {
@@ -184,7 +274,18 @@ fn input_gradients_match_pytorch() -> anyhow::Result<()> {
             case.name
         );
         let x = Var::from_vec(xs, case.shape.as_slice(), &Device::Cpu)?;
-        let y = apply(&case.op, x.as_tensor())?;
+        let params = conv_params(case);
+        if let Some((w, b)) = &params {
+            for (what, t) in [("weight", w), ("bias", b)] {
+                assert_eq!(
+                    flat(t.as_tensor()),
+                    flat(get(what)),
+                    "{}: det_values {what} differs from the script's",
+                    case.name
+                );
+            }
+        }
+        let y = apply(&case.op, x.as_tensor(), params.as_ref())?;
         let want_y = get("y");
         assert_eq!(y.dims(), want_y.dims(), "{}: output shape", case.name);
         let w = det_values(&format!("{}.w", case.name), y.elem_count(), 1.0);
@@ -195,9 +296,21 @@ fn input_gradients_match_pytorch() -> anyhow::Result<()> {
             rel_err(&flat(&y), &flat(want_y)),
             rel_err(&flat(grad), &flat(get("grad"))),
         );
+        // The parameter gradients of conv cases, after the input's.
+        let mut eg_params = Vec::new();
+        if let Some((w, b)) = &params {
+            for (what, t) in [("grad_weight", w), ("grad_bias", b)] {
+                let g = grads.get(t.as_tensor()).expect("parameter gradient");
+                eg_params.push(rel_err(&flat(g), &flat(get(what))));
+            }
+        }
         println!(
-            "{:26} forward rel err {ey:.2e}, input gradient rel err {eg:.2e}",
-            case.name
+            "{:26} forward rel err {ey:.2e}, input gradient rel err {eg:.2e}{}",
+            case.name,
+            match eg_params.as_slice() {
+                [w, b] => format!(", weight {w:.2e}, bias {b:.2e}"),
+                _ => String::new(),
+            }
         );
         // On the CPU the max-pool op follows PyTorch's first-maximum rule exactly.
         let tol = if matches!(case.op, Op::MaxPool { .. }) {
@@ -205,9 +318,10 @@ fn input_gradients_match_pytorch() -> anyhow::Result<()> {
         } else {
             1e-5
         };
-        if ey > tol || eg > tol {
+        if ey > tol || eg > tol || eg_params.iter().any(|&e| e > tol) {
             failures.push(format!(
-                "{}: forward {ey:.2e}, gradient {eg:.2e} > {tol:e}",
+                "{}: forward {ey:.2e}, gradient {eg:.2e}, parameter gradients {eg_params:?} \
+                 > {tol:e}",
                 case.name
             ));
         }

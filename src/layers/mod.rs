@@ -1,11 +1,16 @@
-//! Layers AlexNet needs that candle 0.11 does not ship.
+//! Layers AlexNet needs that candle 0.11 does not ship, or ships too slowly on the CPU.
 //!
-//! Each is differentiable on every device: LRN and adaptive pooling are compositions of candle
-//! ops; [`max_pool2d`] is a CPU custom op with PyTorch's backward (candle's own pool has no
-//! backward for overlapping windows) and a composition of candle ops elsewhere.
+//! Each is differentiable on every device: adaptive pooling is a composition of candle ops;
+//! [`LocalResponseNorm`] a fused CPU op (f32) with an analytic backward, and candle ops
+//! elsewhere; [`max_pool2d`] is a CPU custom op with PyTorch's backward (candle's own pool has no
+//! backward for overlapping windows) and a composition of candle ops elsewhere; [`conv2d`] (with
+//! its bias and ReLU fused) is a CPU custom op with an im2col + gemm forward and backward
+//! (candle's CPU conv backward is a slow direct loop) and candle's own conv elsewhere.
 
+mod conv;
 mod lrn;
 mod pool;
 
+pub use conv::conv2d;
 pub use lrn::LocalResponseNorm;
 pub use pool::{max_pool2d, pooled_size, AdaptiveAvgPool2d};

@@ -42,9 +42,9 @@ use rayon::prelude::*;
 /// `(C_out, C_in / groups, KH, KW)`, `bias` is `(C_out)`, and `cfg` gives padding, stride,
 /// dilation and groups (its cuDNN algorithm is passed on where candle's conv runs).
 ///
-/// On the CPU with f32 tensors and dilation 1 this is one custom op with a gemm backward (see the
-/// [module docs](self)); the gradient of a fused ReLU is PyTorch's (zero where the output is
-/// zero), and a tensor that is not tracked (an image, rather than a [`candle_core::Var`] or a
+/// On the CPU with f32 tensors and dilation 1 this is one custom op with a gemm backward (design
+/// notes at the top of `src/layers/conv.rs`); the gradient of a fused ReLU is PyTorch's (zero
+/// where the output is zero), and a tensor that is not tracked (an image, rather than a [`candle_core::Var`] or a
 /// result of one) gets no gradient. Anywhere else it is candle's ops, with candle's gradients.
 ///
 /// ```

@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Writes `tests/fixtures/grads.safetensors`: PyTorch's gradients of the layers candle-zoo
-implements itself (overlapping max-pool, LRN, adaptive average pool, conv + bias + ReLU), for
+implements itself (overlapping max-pool, LRN, adaptive average pool, conv + bias + ReLU, linear +
+bias + ReLU), for
 `tests/gradients.rs`.
 
 For each case the loss is `sum(f(x) * w)`, with `x` and `w` from `det_values` (see
 scripts/make_fixtures.py; tests/common/mod.rs computes the same f32 values bit for bit), so the
 fixture stores, per case, `<case>.x` (the input, to check that both sides agree on it),
 `<case>.y` (f(x)) and `<case>.grad` (d loss / dx), all float32. Conv cases also store their
-parameters `<case>.weight` and `<case>.bias` (from `det_values` too) and the parameter gradients
+parameters (and linear cases theirs) `<case>.weight` and `<case>.bias` (from `det_values` too) and the parameter gradients
 `<case>.grad_weight` and `<case>.grad_bias`. Max-pool runs in float32 (its gradient is a sum of
-`w` values, so the CPU op must match it exactly, ties included); LRN, adaptive pooling and conv
-run in float64 and are rounded to float32 once.
+`w` values, so the CPU op must match it exactly, ties included); LRN, adaptive pooling, conv and
+linear run in float64 and are rounded to float32 once.
 
 The case list must match `CASES` in tests/gradients.rs.
 
@@ -34,7 +35,8 @@ OUT = os.path.join(ROOT, "tests", "fixtures", "grads.safetensors")
 
 # name, op, params, input shape, input bound, ties
 #   maxpool: (kernel, stride, ceil_mode); lrn: (size, alpha, beta, k); adaptive: (out_h, out_w);
-#   conv: (out_channels, kernel, stride, padding, groups, relu)
+#   conv: (out_channels, kernel, stride, padding, groups, relu); linear: (out_features, relu), on
+#   the input flattened from dim 1 as AlexNet's fc6 takes pool5
 CASES = [
     ("maxpool_floor_13x13", "maxpool", (3, 2, False), (2, 3, 13, 13), 1.0, False),
     ("maxpool_floor_14x15", "maxpool", (3, 2, False), (1, 2, 14, 15), 1.0, False),
@@ -52,13 +54,19 @@ CASES = [
     ("conv_k11_s4_groups2_relu", "conv", (6, 11, 4, 2, 2, True), (3, 4, 27, 31), 1.0, False),
     ("conv_k5_groups2_relu", "conv", (8, 5, 1, 2, 2, True), (2, 6, 9, 8), 1.0, False),
     ("conv_k3_pad0", "conv", (4, 3, 1, 0, 1, False), (1, 3, 7, 6), 1.0, False),
+    ("linear_relu", "linear", (7, True), (3, 2, 4, 5), 1.0, False),
+    ("linear_b17", "linear", (33, False), (17, 3, 2, 5), 1.0, False),
 ]
 
 
-def conv_params(name, params, shape):
+def layer_params(name, op, params, shape):
     """Weight (bound 1 / sqrt(fan_in), as torch's default init) and bias (bound 0.1)."""
-    cout, k, _, _, groups, _ = params
-    wshape = (cout, shape[1] // groups, k, k)
+    if op == "conv":
+        cout, k, _, _, groups, _ = params
+        wshape = (cout, shape[1] // groups, k, k)
+    else:
+        cout = params[0]
+        wshape = (cout, int(np.prod(shape[1:])))
     fan_in = int(np.prod(wshape[1:]))
     w = det_values(f"{name}.weight", int(np.prod(wshape)), 1.0 / np.sqrt(fan_in)).reshape(wshape)
     b = det_values(f"{name}.bias", cout, 0.1)
@@ -75,6 +83,9 @@ def case_input(name, shape, bound, ties):
 
 
 def apply(op, params, x, weight=None, bias=None):
+    if op == "linear":
+        y = F.linear(x.flatten(1), weight, bias)
+        return F.relu(y) if params[1] else y
     if op == "conv":
         _, _, stride, padding, groups, relu = params
         y = F.conv2d(x, weight, bias, stride=stride, padding=padding, groups=groups)
@@ -99,7 +110,7 @@ def main():
         # Max-pool in f32 so that the gradient (a sum of w's) compares exactly; the others in f64.
         dtype = torch.float32 if op == "maxpool" else torch.float64
         x = x32.to(dtype).requires_grad_(True)
-        params32 = conv_params(name, params, shape) if op == "conv" else ()
+        params32 = layer_params(name, op, params, shape) if op in ("conv", "linear") else ()
         weights = [p.to(dtype).requires_grad_(True) for p in params32]
         y = apply(op, params, x, *weights)
         w = torch.from_numpy(det_values(f"{name}.w", y.numel(), 1.0).reshape(tuple(y.shape)))

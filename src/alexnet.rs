@@ -29,7 +29,9 @@ use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 
 use crate::error::{Error, Result};
-use crate::layers::{conv2d, max_pool2d, pooled_size, AdaptiveAvgPool2d, LocalResponseNorm};
+use crate::layers::{
+    conv2d, linear, max_pool2d, pooled_size, AdaptiveAvgPool2d, LocalResponseNorm,
+};
 use crate::rng::Rng;
 
 /// Which published AlexNet the model follows. See the [module docs](self) for a table.
@@ -660,16 +662,17 @@ impl AlexNet {
         if !caffe {
             h = drop(h)?;
         }
-        let mut h = self.fc6.forward(&h)?.relu()?;
+        let fc = |l: &Linear, t: &Tensor, relu| linear(t, l.weight(), l.bias(), relu);
+        let mut h = fc(&self.fc6, &h, true)?;
         if done(Layer::Fc6, &mut h) {
             return Ok(h);
         }
-        let mut h = self.fc7.forward(&drop(h)?)?.relu()?;
+        let mut h = fc(&self.fc7, &drop(h)?, true)?;
         if done(Layer::Fc7, &mut h) {
             return Ok(h);
         }
         let h = if caffe { drop(h)? } else { h };
-        let mut logits = self.fc8.forward(&h)?;
+        let mut logits = fc(&self.fc8, &h, false)?;
         done(Layer::Logits, &mut logits);
         Ok(logits)
     }

@@ -3,7 +3,7 @@
 //!
 //! Each case differentiates `sum(f(x) * w)`, with `x` and `w` from `det_values`, and checks
 //! the forward output and the input gradient at a max relative error of 1e-5 (relative to the
-//! largest |value| of PyTorch's tensor); conv cases also check the weight and bias gradients.
+//! largest |value| of PyTorch's tensor); conv and linear cases also check the weight and bias gradients.
 //! Max-pool gradients are sums of `w` values routed to each window's first maximum, so on the
 //! CPU they match PyTorch exactly, ties included.
 
@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{Conv2dConfig, Module};
-use candle_zoo::layers::{conv2d, max_pool2d, AdaptiveAvgPool2d, LocalResponseNorm};
+use candle_zoo::layers::{conv2d, linear, max_pool2d, AdaptiveAvgPool2d, LocalResponseNorm};
 use common::{det_values, rel_err};
 
 enum Op {
@@ -29,6 +29,11 @@ enum Op {
         cout: usize,
         kernel: usize,
         cfg: Conv2dConfig,
+        relu: bool,
+    },
+    /// The input flattened from dim 1, then linear + bias (+ ReLU) with an `(out, in)` weight.
+    Linear {
+        out: usize,
         relu: bool,
     },
 }
@@ -177,6 +182,23 @@ fn cases() -> Vec<Case> {
             1.0,
             false,
         ),
+        case(
+            "linear_relu",
+            Op::Linear { out: 7, relu: true },
+            [3, 2, 4, 5],
+            1.0,
+            false,
+        ),
+        case(
+            "linear_b17",
+            Op::Linear {
+                out: 33,
+                relu: false,
+            },
+            [17, 3, 2, 5],
+            1.0,
+            false,
+        ),
     ]
 }
 
@@ -201,26 +223,29 @@ fn input(case: &Case) -> Vec<f32> {
     }
 }
 
-/// A conv case's weight and bias, from `det_values` as in the script: the weight bounded by
-/// `1 / sqrt(fan_in)`, the bias by 0.1.
-fn conv_params(case: &Case) -> Option<(Var, Var)> {
-    let Op::Conv {
-        cout, kernel, cfg, ..
-    } = &case.op
-    else {
-        return None;
+/// A conv or linear case's weight and bias, from `det_values` as in the script: the weight
+/// bounded by `1 / sqrt(fan_in)`, the bias by 0.1.
+fn layer_params(case: &Case) -> Option<(Var, Var)> {
+    let (cout, dims) = match &case.op {
+        Op::Conv {
+            cout, kernel, cfg, ..
+        } => (
+            *cout,
+            vec![*cout, case.shape[1] / cfg.groups, *kernel, *kernel],
+        ),
+        Op::Linear { out, .. } => (*out, vec![*out, case.shape[1..].iter().product()]),
+        _ => return None,
     };
-    let dims = [*cout, case.shape[1] / cfg.groups, *kernel, *kernel];
     let fan_in: usize = dims[1..].iter().product();
     let w = det_values(
         &format!("{}.weight", case.name),
         dims.iter().product(),
         1.0 / (fan_in as f64).sqrt(),
     );
-    let b = det_values(&format!("{}.bias", case.name), *cout, 0.1);
+    let b = det_values(&format!("{}.bias", case.name), cout, 0.1);
     Some((
         Var::from_vec(w, dims.as_slice(), &Device::Cpu).expect("weight"),
-        Var::from_vec(b, *cout, &Device::Cpu).expect("bias"),
+        Var::from_vec(b, cout, &Device::Cpu).expect("bias"),
     ))
 }
 
@@ -229,6 +254,15 @@ fn apply(op: &Op, x: &Tensor, params: Option<&(Var, Var)>) -> candle_core::Resul
         Op::Conv { cfg, relu, .. } => {
             let (w, b) = params.expect("conv parameters");
             conv2d(x, w.as_tensor(), Some(b.as_tensor()), cfg, *relu)
+        }
+        Op::Linear { relu, .. } => {
+            let (w, b) = params.expect("linear parameters");
+            linear(
+                &x.flatten_from(1)?,
+                w.as_tensor(),
+                Some(b.as_tensor()),
+                *relu,
+            )
         }
         Op::MaxPool {
             kernel,
@@ -248,11 +282,11 @@ fn flat(t: &Tensor) -> Vec<f32> {
 fn gradients_match_pytorch() -> anyhow::Result<()> {
     let fx = fixtures();
     let cases = cases();
-    // x, y, grad per case; conv cases add weight, bias and their gradients.
+    // x, y, grad per case; conv and linear cases add weight, bias and their gradients.
     let tensors: usize = cases
         .iter()
         .map(|c| {
-            if matches!(c.op, Op::Conv { .. }) {
+            if matches!(c.op, Op::Conv { .. } | Op::Linear { .. }) {
                 7
             } else {
                 3
@@ -274,7 +308,7 @@ fn gradients_match_pytorch() -> anyhow::Result<()> {
             case.name
         );
         let x = Var::from_vec(xs, case.shape.as_slice(), &Device::Cpu)?;
-        let params = conv_params(case);
+        let params = layer_params(case);
         if let Some((w, b)) = &params {
             for (what, t) in [("weight", w), ("bias", b)] {
                 assert_eq!(
@@ -296,7 +330,7 @@ fn gradients_match_pytorch() -> anyhow::Result<()> {
             rel_err(&flat(&y), &flat(want_y)),
             rel_err(&flat(grad), &flat(get("grad"))),
         );
-        // The parameter gradients of conv cases, after the input's.
+        // The parameter gradients of conv and linear cases, after the input's.
         let mut eg_params = Vec::new();
         if let Some((w, b)) = &params {
             for (what, t) in [("grad_weight", w), ("grad_bias", b)] {

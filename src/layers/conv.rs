@@ -30,12 +30,14 @@
 use std::cell::Cell;
 use std::ops::Range;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
+
+use super::cpu::{cpu_f32, matmul, tensor_f32, Split};
+
+/// The op's name in error messages.
+const OP: &str = "conv2d";
 
 /// `relu(conv2d(x, weight) + bias)` (the ReLU when `relu` is true), with the semantics of
 /// candle's `Tensor::conv2d` and `candle_nn::Conv2d`: `x` is `(N, C_in, H, W)`, `weight` is
@@ -462,7 +464,14 @@ impl Geometry {
                 self.im2col(x, chans, col, threads > 1);
                 // out[cout_g, p] (+)= w[cout_g, k0..k0 + rows] * col[rows, p]
                 let (lhs, rhs) = ((&w[k0..], k, 1), (&col[..], p, 1));
-                matmul((out, p), !first, (cout_g, p, rows), lhs, rhs, threads);
+                matmul(
+                    (out, p),
+                    !first,
+                    (cout_g, p, rows),
+                    lhs,
+                    rhs,
+                    (threads, Split::Cols),
+                );
             }
             for_tasks(out, p, threads > 1, |c, row| {
                 let bias = b.map_or(0.0, |b| b[g * cout_g + c]);
@@ -587,13 +596,27 @@ impl Geometry {
                     // dw[cout_g, k0..k0 + rows] (+)= g[cout_g, p] * col^T[p, rows]
                     let dw = &mut grads.dw[grp * cout_g * k + k0..(grp + 1) * cout_g * k];
                     let (shape, acc) = ((cout_g, rows, p), !grads.first);
-                    matmul((dw, k), acc, shape, (g, p, 1), (&col[..], 1, p), threads);
+                    matmul(
+                        (dw, k),
+                        acc,
+                        shape,
+                        (g, p, 1),
+                        (&col[..], 1, p),
+                        (threads, Split::Cols),
+                    );
                 }
                 if let Some(dx) = dx.as_deref_mut() {
                     // col[rows, p] = w^T[k0..k0 + rows, cout_g] * g[cout_g, p], then back
                     // onto the input planes.
                     let shape = (rows, p, cout_g);
-                    matmul((col, p), false, shape, (&w[k0..], 1, k), (g, p, 1), threads);
+                    matmul(
+                        (col, p),
+                        false,
+                        shape,
+                        (&w[k0..], 1, k),
+                        (g, p, 1),
+                        (threads, Split::Cols),
+                    );
                     let dx = &mut dx[grp * x_group..(grp + 1) * x_group];
                     self.col2im(col, chans, dx, threads > 1);
                 }
@@ -643,96 +666,6 @@ fn for_tasks(data: &mut [f32], len: usize, parallel: bool, f: impl Fn(usize, &mu
     }
 }
 
-/// Narrowest column block worth a thread of its own in a split gemm.
-const MIN_COLS_PER_TASK: usize = 64;
-
-/// `dst[m x n] = (dst if accumulate) + lhs[m x k] * rhs[k x n]`, with `dst` given as `(data,
-/// row stride)` and the operands as `(data, row stride, column stride)`. With `threads > 1` the
-/// columns are split into one block per thread, each a single-threaded gemm: for these shapes (a
-/// few hundred rows) that beats gemm's own threading by 10 to 60%.
-fn matmul(
-    (dst, dst_rs): (&mut [f32], usize),
-    accumulate: bool,
-    (m, n, k): (usize, usize, usize),
-    (lhs, lhs_rs, lhs_cs): (&[f32], usize, usize),
-    (rhs, rhs_rs, rhs_cs): (&[f32], usize, usize),
-    threads: usize,
-) {
-    // Last element each operand's strides reach; the asserts keep the raw accesses in bounds.
-    let last = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        (rows.max(1) - 1) * rs + (cols.max(1) - 1) * cs
-    };
-    assert!(
-        m * n == 0 || last(m, n, dst_rs, 1) < dst.len(),
-        "conv gemm: dst"
-    );
-    assert!(
-        m * k == 0 || last(m, k, lhs_rs, lhs_cs) < lhs.len(),
-        "conv gemm: lhs"
-    );
-    assert!(
-        k * n == 0 || last(k, n, rhs_rs, rhs_cs) < rhs.len(),
-        "conv gemm: rhs"
-    );
-    let dst = DstPtr(dst.as_mut_ptr());
-    // Columns `j0..j0 + cols` of the product, single-threaded.
-    let block = |j0: usize, cols: usize| {
-        // SAFETY: the asserts above keep every element of the full product's operands inside
-        // `lhs` and `rhs`, and of its destination inside `dst`, so any column block is in bounds
-        // too; `dst` was borrowed mutably, so it overlaps neither operand, and blocks running at
-        // the same time write disjoint columns.
-        unsafe {
-            gemm::gemm(
-                m,
-                cols,
-                k,
-                dst.get().add(j0),
-                1,
-                dst_rs as isize,
-                accumulate,
-                lhs.as_ptr(),
-                lhs_cs as isize,
-                lhs_rs as isize,
-                rhs.as_ptr().add(j0 * rhs_cs),
-                rhs_cs as isize,
-                rhs_rs as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        }
-    };
-    let blocks = threads.min(n / MIN_COLS_PER_TASK).max(1);
-    if blocks == 1 || m * n * k == 0 {
-        block(0, n);
-        return;
-    }
-    // Blocks of whole 16-column panels (a multiple of gemm's f32 micro-kernel widths).
-    let per = n.div_ceil(blocks).next_multiple_of(16);
-    (0..n.div_ceil(per))
-        .into_par_iter()
-        .for_each(|b| block(b * per, per.min(n - b * per)));
-}
-
-/// The destination of a split gemm, shared by the threads that write its column blocks.
-#[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
-
-impl DstPtr {
-    /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-// SAFETY: `matmul` hands each thread a disjoint set of columns to write through the pointer,
-// and the slice it points into is borrowed mutably for the whole call.
-unsafe impl Sync for DstPtr {}
-unsafe impl Send for DstPtr {}
-
 thread_local! {
     /// Each thread's im2col scratch, kept between calls (rayon's threads live as long as the
     /// process), so that a forward or backward pass allocates none after the first.
@@ -759,43 +692,6 @@ struct Conv2dOp {
     relu: bool,
 }
 
-/// The contiguous f32 data of a CPU storage, checked against the length the geometry expects.
-fn cpu_f32<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    len: usize,
-    what: &str,
-) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!(
-            "conv2d: the CPU op takes f32, got a {:?} {what}",
-            storage.dtype()
-        );
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) if end - start == len => Ok(&data[start..end]),
-        _ => candle_core::bail!(
-            "conv2d: the CPU op needs a contiguous {what} of {len} elements, got shape {:?} \
-             strides {:?}",
-            layout.dims(),
-            layout.stride()
-        ),
-    }
-}
-
-/// The contiguous f32 data of a CPU tensor's storage (a guard from `storage_and_layout`).
-fn tensor_f32<'a>(
-    storage: &'a Storage,
-    layout: &Layout,
-    len: usize,
-    what: &str,
-) -> Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(s) => cpu_f32(s, layout, len, what),
-        _ => candle_core::bail!("conv2d: the CPU op's backward got a {what} on another device"),
-    }
-}
-
 impl Conv2dOp {
     fn cpu_fwd(
         &self,
@@ -804,9 +700,11 @@ impl Conv2dOp {
         b: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.geometry;
-        let xs = cpu_f32(x.0, x.1, g.n * g.in_image(), "input")?;
-        let ws = cpu_f32(w.0, w.1, g.cout * g.k(), "weight")?;
-        let bs = b.map(|(s, l)| cpu_f32(s, l, g.cout, "bias")).transpose()?;
+        let xs = cpu_f32(x.0, x.1, g.n * g.in_image(), OP, "input")?;
+        let ws = cpu_f32(w.0, w.1, g.cout * g.k(), OP, "weight")?;
+        let bs = b
+            .map(|(s, l)| cpu_f32(s, l, g.cout, OP, "bias"))
+            .transpose()?;
         let out = g.forward(xs, ws, bs, self.relu);
         Ok((CpuStorage::F32(out), g.out_shape()))
     }
@@ -834,10 +732,10 @@ impl Conv2dOp {
         let (rs, rl) = res.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
         let out_len = g.n * g.out_image();
-        let xv = tensor_f32(&xs, xl, g.n * g.in_image(), "input")?;
-        let wv = tensor_f32(&ws, wl, g.cout * g.k(), "weight")?;
-        let rv = tensor_f32(&rs, rl, out_len, "output")?;
-        let gv = tensor_f32(&gs, gl, out_len, "output gradient")?;
+        let xv = tensor_f32(&xs, xl, g.n * g.in_image(), OP, "input")?;
+        let wv = tensor_f32(&ws, wl, g.cout * g.k(), OP, "weight")?;
+        let rv = tensor_f32(&rs, rl, out_len, OP, "output")?;
+        let gv = tensor_f32(&gs, gl, out_len, OP, "output gradient")?;
         let mut dx = want_dx.then(|| vec![0f32; g.n * g.in_image()]);
         let (dw, db) = g.backward(
             xv,

@@ -1,7 +1,8 @@
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use candle_nn::Module;
 use rayon::prelude::*;
+
+use super::cpu::cpu_f32;
 
 /// Local response normalization across channels, as in Caffe's `LRN` (`ACROSS_CHANNELS`),
 /// PyTorch's `nn.LocalResponseNorm` and ONNX `LRN`:
@@ -119,22 +120,10 @@ impl LocalResponseNorm {
     }
 }
 
-/// `(N, C, rest...)` as `(N, C, H*W...)` plane sizes of a contiguous layout.
-fn planes(layout: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
+/// `(N, C, H*W)` of an LRN operand: dims 0 and 1 and the product of the rest.
+fn planes(layout: &Layout) -> (usize, usize, usize) {
     let dims = layout.shape().dims();
-    let (n, c) = (dims[0], dims[1]);
-    let hw = dims[2..].iter().product::<usize>();
-    let (start, _) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg(format!("{what}: the CPU kernel needs a contiguous input"))
-    })?;
-    Ok((start, n, c, hw))
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => Ok(v),
-        other => candle_core::bail!("{what}: f32 expected, got {:?}", other.dtype()),
-    }
+    (dims[0], dims[1], dims[2..].iter().product())
 }
 
 /// The CPU LRN op (f32).
@@ -146,8 +135,8 @@ impl CustomOp1 for LrnOp {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, n, c, hw) = planes(layout, "lrn")?;
-        let x = &f32_slice(storage, "lrn")?[start..start + n * c * hw];
+        let (n, c, hw) = planes(layout);
+        let x = cpu_f32(storage, layout, n * c * hw, "lrn", "input")?;
         let lrn = &self.0;
         let mut out = vec![0f32; n * c * hw];
         out.par_chunks_mut(hw.max(1)).enumerate().for_each_init(
@@ -201,13 +190,11 @@ impl CustomOp3 for LrnBackward {
                 l3.shape()
             );
         }
-        let (x0, n, c, hw) = planes(l1, "lrn backward")?;
-        let (y0, _, _, _) = planes(l2, "lrn backward")?;
-        let (g0, _, _, _) = planes(l3, "lrn backward")?;
+        let (n, c, hw) = planes(l1);
         let len = n * c * hw;
-        let x = &f32_slice(s1, "lrn backward")?[x0..x0 + len];
-        let y = &f32_slice(s2, "lrn backward")?[y0..y0 + len];
-        let g = &f32_slice(s3, "lrn backward")?[g0..g0 + len];
+        let x = cpu_f32(s1, l1, len, "lrn backward", "input")?;
+        let y = cpu_f32(s2, l2, len, "lrn backward", "output")?;
+        let g = cpu_f32(s3, l3, len, "lrn backward", "output gradient")?;
         let lrn = &self.0;
         // Pass 1, per plane: t = dy * y / s, and dx's direct term dy * s^-beta.
         let mut t = vec![0f32; len];

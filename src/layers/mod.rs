@@ -5,12 +5,17 @@
 //! elsewhere; [`max_pool2d`] is a CPU custom op with PyTorch's backward (candle's own pool has no
 //! backward for overlapping windows) and a composition of candle ops elsewhere; [`conv2d`] (with
 //! its bias and ReLU fused) is a CPU custom op with an im2col + gemm forward and backward
-//! (candle's CPU conv backward is a slow direct loop) and candle's own conv elsewhere.
+//! (candle's CPU conv backward is a slow direct loop) and candle's own conv elsewhere;
+//! [`linear`] (bias and ReLU fused) is a CPU custom op whose gemms are laid out for a narrow
+//! batch, and candle's matmul elsewhere.
 
 mod conv;
+mod cpu;
+mod linear;
 mod lrn;
 mod pool;
 
 pub use conv::conv2d;
+pub use linear::linear;
 pub use lrn::LocalResponseNorm;
 pub use pool::{max_pool2d, pooled_size, AdaptiveAvgPool2d};

@@ -14,6 +14,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use workloads::{Inference, Sgemm, INFER_BATCHES, LAYOUTS, SGEMM_N};
 
 fn inference(c: &mut Criterion) {
+    // As the examples do (see `candle_zoo::memory`).
+    candle_zoo::memory::retain_freed_memory();
     let device = Device::Cpu;
     let mut group = c.benchmark_group("alexnet_forward");
     group.sample_size(10);

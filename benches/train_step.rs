@@ -13,6 +13,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use workloads::{TrainStep, LAYOUTS, TRAIN_BATCH};
 
 fn train_step(c: &mut Criterion) {
+    // As the examples do (see `candle_zoo::memory`).
+    candle_zoo::memory::retain_freed_memory();
     let device = Device::Cpu;
     let mut group = c.benchmark_group("alexnet_train_step");
     group.sample_size(10);

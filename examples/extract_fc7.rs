@@ -62,6 +62,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // Many same-sized steps: reuse freed memory rather than fault it back in each time.
+    candle_zoo::memory::retain_freed_memory();
     let args = Args::parse();
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");

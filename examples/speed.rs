@@ -88,6 +88,8 @@ fn time(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Resul
 }
 
 fn main() -> Result<()> {
+    // Many same-sized steps: reuse freed memory rather than fault it back in each time.
+    candle_zoo::memory::retain_freed_memory();
     let args = Args::parse();
     if args.iters == 0 || args.batch == 0 {
         bail!("--iters and --batch must be at least 1");

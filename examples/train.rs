@@ -54,6 +54,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // Many same-sized steps: reuse freed memory rather than fault it back in each time.
+    candle_zoo::memory::retain_freed_memory();
     let args = Args::parse();
     let device = args.device.device()?;
     let mut trainer = args.train.trainer(&device, |train, val| {

@@ -17,7 +17,7 @@
 //!   [`train`] (the loop, resumable checkpoints, metrics) and [`plot`] (training curves);
 //! - [`cli`] (feature `cli`, on by default): the flags the examples share;
 //! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection; [`io`]: atomic
-//!   file writes.
+//!   file writes; [`memory`]: keeping freed memory for the next step.
 //!
 //! ```no_run
 //! use candle_core::Device;
@@ -48,6 +48,7 @@ pub mod hub;
 pub mod imagenet;
 pub mod io;
 pub mod layers;
+pub mod memory;
 pub mod optim;
 pub mod plot;
 pub mod preprocess;

@@ -30,11 +30,11 @@
 use std::cell::Cell;
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
-use super::cpu::{cpu_f32, matmul, tensor_f32, Split};
+use super::cpu::{apply, matmul, Split, WeightOp};
 
 /// The op's name in error messages.
 const OP: &str = "conv2d";
@@ -90,13 +90,7 @@ pub fn conv2d(
     if !fast {
         return conv2d_candle(x, weight, bias, cfg, relu);
     }
-    let op = Conv2dOp { geometry, relu };
-    // The kernels read plain row-major data; `contiguous` is free where it already is.
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    match bias {
-        Some(b) => x.apply_op3(&weight, &b.contiguous()?, op),
-        None => x.apply_op2(&weight, op),
-    }
+    apply(Conv2dOp { geometry, relu }, x, weight, bias)
 }
 
 /// The same convolution as candle's ops: `conv2d`, `broadcast_add` of the bias, `relu`.
@@ -685,139 +679,57 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     r
 }
 
-/// The CPU convolution op (see [`conv2d`]): a [`CustomOp2`] without bias, [`CustomOp3`] with.
+/// The CPU convolution op (see [`conv2d`]).
 #[derive(Debug, Clone, Copy)]
 struct Conv2dOp {
     geometry: Geometry,
     relu: bool,
 }
 
-impl Conv2dOp {
-    fn cpu_fwd(
-        &self,
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
+impl WeightOp for Conv2dOp {
+    const OP: &'static str = OP;
+    const NAMES: [&'static str; 2] = ["conv2d-relu", "conv2d-bias-relu"];
+
+    fn lens(&self) -> [usize; 4] {
         let g = &self.geometry;
-        let xs = cpu_f32(x.0, x.1, g.n * g.in_image(), OP, "input")?;
-        let ws = cpu_f32(w.0, w.1, g.cout * g.k(), OP, "weight")?;
-        let bs = b
-            .map(|(s, l)| cpu_f32(s, l, g.cout, OP, "bias"))
-            .transpose()?;
-        let out = g.forward(xs, ws, bs, self.relu);
-        Ok((CpuStorage::F32(out), g.out_shape()))
+        [
+            g.n * g.in_image(),
+            g.cout * g.k(),
+            g.cout,
+            g.n * g.out_image(),
+        ]
     }
 
-    /// Gradients of `x`, `w` and `b` (the last only when there is a bias), each only when its
-    /// tensor is tracked.
-    fn bwd(
+    fn out_shape(&self) -> Shape {
+        self.geometry.out_shape()
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
+        self.geometry.forward(x, w, b, self.relu)
+    }
+
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        x: &[f32],
+        w: &[f32],
+        res: &[f32],
+        grad: &[f32],
+        [want_dx, want_dw, want_db]: [bool; 3],
+    ) -> [Option<Vec<f32>>; 3] {
         let g = &self.geometry;
-        let (want_dx, want_dw) = (x.track_op(), w.track_op());
-        let want_db = b.is_some_and(|b| b.track_op());
-        if !(want_dx || want_dw || want_db) {
-            return Ok((None, None, None));
-        }
-        // The gradient arrives broadcast when the loss is a plain sum.
-        let grad = grad.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (rs, rl) = res.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
-        let out_len = g.n * g.out_image();
-        let xv = tensor_f32(&xs, xl, g.n * g.in_image(), OP, "input")?;
-        let wv = tensor_f32(&ws, wl, g.cout * g.k(), OP, "weight")?;
-        let rv = tensor_f32(&rs, rl, out_len, OP, "output")?;
-        let gv = tensor_f32(&gs, gl, out_len, OP, "output gradient")?;
         let mut dx = want_dx.then(|| vec![0f32; g.n * g.in_image()]);
         let (dw, db) = g.backward(
-            xv,
-            wv,
-            rv,
-            gv,
+            x,
+            w,
+            res,
+            grad,
             self.relu,
             want_dw,
             want_db,
             dx.as_deref_mut(),
         );
-        let dev = x.device();
-        let dx = dx
-            .map(|d| Tensor::from_vec(d, x.shape(), dev))
-            .transpose()?;
-        let dw = want_dw
-            .then(|| Tensor::from_vec(dw, w.shape(), dev))
-            .transpose()?;
-        let db = match b {
-            Some(b) if want_db => {
-                let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
-                Some(Tensor::from_vec(db, b.shape(), dev)?)
-            }
-            _ => None,
-        };
-        Ok((dx, dw, db))
-    }
-}
-
-impl CustomOp2 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "conv2d-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Conv2dOp::cpu_fwd(self, (s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Conv2dOp::bwd(self, x, w, None, res, grad)?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp3 for Conv2dOp {
-    fn name(&self) -> &'static str {
-        "conv2d-bias-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Conv2dOp::cpu_fwd(self, (s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Conv2dOp::bwd(self, x, w, Some(b), res, grad)
+        let db = want_db.then(|| db.into_iter().map(|v| v as f32).collect());
+        [dx, want_dw.then_some(dw), db]
     }
 }
 

@@ -17,9 +17,9 @@
 //!
 //! Elsewhere (other devices and dtypes, inputs of rank other than 2) it is candle's ops.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{DType, Result, Shape, Tensor};
 
-use super::cpu::{cpu_f32, matmul, tensor_f32, Split};
+use super::cpu::{apply, matmul, Split, WeightOp};
 
 /// The op's name in error messages.
 const OP: &str = "linear";
@@ -81,12 +81,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) ->
     if n * inp * out == 0 {
         return linear_candle(x, weight, bias, relu);
     }
-    let op = LinearOp { n, inp, out, relu };
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    match bias {
-        Some(b) => x.apply_op3(&weight, &b.contiguous()?, op),
-        None => x.apply_op2(&weight, op),
-    }
+    apply(LinearOp { n, inp, out, relu }, x, weight, bias)
 }
 
 /// The same layer as candle's ops: `candle_nn::Linear`'s forward, then `relu`.
@@ -127,6 +122,20 @@ impl LinearOp {
     fn threads() -> usize {
         candle_core::utils::get_num_threads().max(1)
     }
+}
+
+impl WeightOp for LinearOp {
+    const OP: &'static str = OP;
+    const NAMES: [&'static str; 2] = ["linear-relu", "linear-bias-relu"];
+
+    fn lens(&self) -> [usize; 4] {
+        let (n, inp, out) = (self.n, self.inp, self.out);
+        [n * inp, out * inp, out, n * out]
+    }
+
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.n, self.out))
+    }
 
     fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>) -> Vec<f32> {
         let (n, inp, out) = (self.n, self.inp, self.out);
@@ -152,17 +161,14 @@ impl LinearOp {
         y
     }
 
-    /// `(dx, dW, db)` from the input, the weight, the output and its gradient, each only when
-    /// asked for.
-    #[allow(clippy::type_complexity)]
     fn backward(
         &self,
         x: &[f32],
         w: &[f32],
         res: &[f32],
         grad: &[f32],
-        (want_dx, want_dw, want_db): (bool, bool, bool),
-    ) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
+        [want_dx, want_dw, want_db]: [bool; 3],
+    ) -> [Option<Vec<f32>>; 3] {
         let (n, inp, out) = (self.n, self.inp, self.out);
         let threads = (Self::threads(), Split::Rows);
         // The ReLU's gradient: through where the output is positive.
@@ -213,116 +219,7 @@ impl LinearOp {
             }
             db.into_iter().map(|v| v as f32).collect()
         });
-        (dx, dw, db)
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: (&CpuStorage, &Layout),
-        w: (&CpuStorage, &Layout),
-        b: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
-        let xs = cpu_f32(x.0, x.1, self.n * self.inp, OP, "input")?;
-        let ws = cpu_f32(w.0, w.1, self.out * self.inp, OP, "weight")?;
-        let bs = b
-            .map(|(s, l)| cpu_f32(s, l, self.out, OP, "bias"))
-            .transpose()?;
-        let y = self.forward(xs, ws, bs);
-        Ok((CpuStorage::F32(y), Shape::from((self.n, self.out))))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: Option<&Tensor>,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let want = (x.track_op(), w.track_op(), b.is_some_and(|b| b.track_op()));
-        if want == (false, false, false) {
-            return Ok((None, None, None));
-        }
-        // The gradient arrives broadcast when the loss is a plain sum.
-        let grad = grad.contiguous()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = w.storage_and_layout();
-        let (rs, rl) = res.storage_and_layout();
-        let (gs, gl) = grad.storage_and_layout();
-        let (n, inp, out) = (self.n, self.inp, self.out);
-        let xv = tensor_f32(&xs, xl, n * inp, OP, "input")?;
-        let wv = tensor_f32(&ws, wl, out * inp, OP, "weight")?;
-        let rv = tensor_f32(&rs, rl, n * out, OP, "output")?;
-        let gv = tensor_f32(&gs, gl, n * out, OP, "output gradient")?;
-        let (dx, dw, db) = self.backward(xv, wv, rv, gv, want);
-        let dev = x.device();
-        let dx = dx
-            .map(|d| Tensor::from_vec(d, x.shape(), dev))
-            .transpose()?;
-        let dw = dw
-            .map(|d| Tensor::from_vec(d, w.shape(), dev))
-            .transpose()?;
-        let db = match (b, db) {
-            (Some(b), Some(d)) => Some(Tensor::from_vec(d, b.shape(), dev)?),
-            _ => None,
-        };
-        Ok((dx, dw, db))
-    }
-}
-
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "linear-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        LinearOp::cpu_fwd(self, (s1, l1), (s2, l2), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = LinearOp::bwd(self, x, w, None, res, grad)?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "linear-bias-relu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        LinearOp::cpu_fwd(self, (s1, l1), (s2, l2), Some((s3, l3)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        LinearOp::bwd(self, x, w, Some(b), res, grad)
+        [dx, dw, db]
     }
 }
 

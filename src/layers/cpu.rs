@@ -1,6 +1,7 @@
 //! What the CPU custom ops share: checked f32 views of candle's storages, a gemm split over
 //! threads, and [`WeightOp`], the custom-op plumbing of the conv and linear ops.
 
+use super::narrow;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -62,7 +63,8 @@ const MIN_PER_TASK: usize = 64;
 /// `dst[m x n] = (dst if accumulate) + lhs[m x k] * rhs[k x n]`, with `dst` given as `(data,
 /// row stride)` and the operands as `(data, row stride, column stride)`. With `threads > 1`, the
 /// columns or rows (`split`) are cut into one block per thread, each a single-threaded gemm of
-/// the `gemm` crate: for these shapes that beats gemm's own threading by 10 to 60%.
+/// the `gemm` crate (for these shapes that beats gemm's own threading by 10 to 60%), or of
+/// [`narrow::narrow_gemm`] for the narrow products of the linear layers on AVX2 CPUs.
 pub(crate) fn matmul(
     (dst, dst_rs): (&mut [f32], usize),
     accumulate: bool,
@@ -85,8 +87,25 @@ pub(crate) fn matmul(
         "gemm: rhs"
     );
     let dst = DstPtr(dst.as_mut_ptr());
+    // A narrow product whose operands both run along `k` (a linear layer's `W x^T`).
+    let narrow = n <= narrow::MAX_N && lhs_cs == 1 && rhs_rs == 1 && narrow::available();
     // Rows `i0..i0 + rows`, columns `j0..j0 + cols` of the product, single-threaded.
     let block = |(i0, rows): (usize, usize), (j0, cols): (usize, usize)| {
+        if narrow {
+            // SAFETY: as below; `narrow` checked the CPU and that both operands are
+            // contiguous along `k`, the layout `narrow_gemm` reads.
+            unsafe {
+                narrow::narrow_gemm(
+                    (rows, cols, k),
+                    dst.get().add(i0 * dst_rs + j0),
+                    dst_rs,
+                    accumulate,
+                    (lhs.as_ptr().add(i0 * lhs_rs), lhs_rs),
+                    (rhs.as_ptr().add(j0 * rhs_cs), rhs_cs),
+                );
+            }
+            return;
+        }
         // SAFETY: the asserts above keep every element of the full product's operands inside
         // `lhs` and `rhs`, and of its destination inside `dst`, so any block is in bounds too;
         // `dst` was borrowed mutably, so it overlaps neither operand, and blocks running at the

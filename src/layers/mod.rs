@@ -13,6 +13,7 @@ mod conv;
 mod cpu;
 mod linear;
 mod lrn;
+mod narrow;
 mod pool;
 
 pub use conv::conv2d;

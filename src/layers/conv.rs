@@ -401,7 +401,7 @@ impl Geometry {
     /// gemms when the batch has at least as many images as threads (`threads` = 1 for each run);
     /// else one run, each gemm split over `threads` threads.
     fn split(&self) -> (usize, usize) {
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = super::cpu::threads();
         if threads > 1 && self.n >= threads {
             (self.n.div_ceil(threads), 1)
         } else {

@@ -47,6 +47,16 @@ pub(crate) fn tensor_f32<'a>(
     }
 }
 
+/// The threads the CPU ops split their work into: candle's count (`RAYON_NUM_THREADS`, else the
+/// physical cores), read once. Candle's `get_num_threads` re-reads the environment and parses
+/// `/proc/cpuinfo` on every call (61 us on a 2-core machine, more with more cores): called
+/// per op, that was 2% of a batch-1 forward pass. Rayon's pool is fixed once built, so a later
+/// change of the variable would not take effect anyway.
+pub(crate) fn threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
+}
+
 /// How [`matmul`] shares a product between threads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Split {

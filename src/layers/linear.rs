@@ -120,7 +120,7 @@ fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
 
 impl LinearOp {
     fn threads() -> usize {
-        candle_core::utils::get_num_threads().max(1)
+        super::cpu::threads()
     }
 }
 

@@ -260,7 +260,7 @@ fn for_plane_chunks<T: Send>(
     work_per_plane: usize,
     f: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync,
 ) {
-    let threads = candle_core::utils::get_num_threads()
+    let threads = super::cpu::threads()
         .min(planes)
         .min(planes * work_per_plane / MIN_WORK_PER_THREAD);
     if threads <= 1 {

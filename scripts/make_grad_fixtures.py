@@ -54,6 +54,9 @@ CASES = [
     ("conv_k11_s4_groups2_relu", "conv", (6, 11, 4, 2, 2, True), (3, 4, 27, 31), 1.0, False),
     ("conv_k5_groups2_relu", "conv", (8, 5, 1, 2, 2, True), (2, 6, 9, 8), 1.0, False),
     ("conv_k3_pad0", "conv", (4, 3, 1, 0, 1, False), (1, 3, 7, 6), 1.0, False),
+    # >= 128 input channels per group: the CPU op takes the input gradient as a convolution.
+    ("conv_k3_cin256_groups2_relu", "conv", (4, 3, 1, 1, 2, True), (1, 256, 4, 5), 1.0, False),
+    ("conv_k3_cin128_pad0", "conv", (4, 3, 1, 0, 1, False), (1, 128, 5, 4), 1.0, False),
     ("linear_relu", "linear", (7, True), (3, 2, 4, 5), 1.0, False),
     ("linear_b17", "linear", (33, False), (17, 3, 2, 5), 1.0, False),
 ]

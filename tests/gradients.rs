@@ -183,6 +183,20 @@ fn cases() -> Vec<Case> {
             false,
         ),
         case(
+            "conv_k3_cin256_groups2_relu",
+            conv(4, 3, 1, 1, 2, true),
+            [1, 256, 4, 5],
+            1.0,
+            false,
+        ),
+        case(
+            "conv_k3_cin128_pad0",
+            conv(4, 3, 1, 0, 1, false),
+            [1, 128, 5, 4],
+            1.0,
+            false,
+        ),
+        case(
             "linear_relu",
             Op::Linear { out: 7, relu: true },
             [3, 2, 4, 5],

@@ -11,8 +11,11 @@
 //!   and a gemm by the group's weights, written straight into the NCHW output; the bias and the
 //!   ReLU are applied in one pass over each output block while it is in cache;
 //! - backward: the output gradient is masked by the ReLU (where the output is > 0, as PyTorch),
-//!   then `dW += g * col^T` (im2col recomputed), `db` = sums of `g`, and `dX = col2im(W^T * g)`
-//!   only when the input is tracked: a plain image gets no gradient, and costs none.
+//!   then `dW += g * col^T` (im2col recomputed), `db` = sums of `g`, and the input gradient
+//!   only when the input is tracked (a plain image gets no gradient, and costs none): with stride
+//!   1, a square kernel, `pad < k` and at least 128 input channels per group (AlexNet's
+//!   conv3-5) as the forward convolution of `g` with the flipped kernel, at the forward's speed;
+//!   else `col2im(W^T * g)`.
 //!
 //! The patch matrix is built a tile of whole input channels at a time (about 384 KiB), and each
 //! tile's gemm adds to the output, so that the gemm reads what im2col just wrote from cache

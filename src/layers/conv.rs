@@ -37,7 +37,7 @@ use candle_core::{DType, Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 use rayon::prelude::*;
 
-use super::cpu::{apply, matmul, Split, WeightOp};
+use super::cpu::{apply, matmul, relu_grad, relu_grad_into, Split, WeightOp};
 
 /// The op's name in error messages.
 const OP: &str = "conv2d";
@@ -618,19 +618,7 @@ impl Geometry {
                 }
             }
         }
-        let masked;
-        let grad = if relu {
-            // PyTorch's ReLU gradient: passes where the output is positive.
-            masked = grad
-                .iter()
-                .zip(res)
-                .map(|(&d, &r)| if r > 0.0 { d } else { 0.0 })
-                .collect::<Vec<_>>();
-            &masked[..]
-        } else {
-            grad
-        };
-        t.forward(grad, &flipped, None, false)
+        t.forward(&relu_grad(relu, grad, res), &flipped, None, false)
     }
 
     /// Adds image `img`'s contributions to `grads`. `col` is the scratch of an im2col tile;
@@ -652,10 +640,7 @@ impl Geometry {
         let (k, p, cout_g) = (self.k(), self.p(), self.cout_g());
         let out = img * self.out_image()..(img + 1) * self.out_image();
         let g: &[f32] = if relu {
-            // PyTorch's ReLU gradient: passes where the output is positive.
-            for ((m, &r), &d) in masked.iter_mut().zip(&res[out.clone()]).zip(&grad[out]) {
-                *m = if r > 0.0 { d } else { 0.0 };
-            }
+            relu_grad_into(masked, &grad[out.clone()], &res[out]);
             masked
         } else {
             &grad[out]

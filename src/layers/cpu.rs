@@ -1,6 +1,8 @@
 //! What the CPU custom ops share: checked f32 views of candle's storages, a gemm split over
 //! threads, and [`WeightOp`], the custom-op plumbing of the conv and linear ops.
 
+use std::borrow::Cow;
+
 use super::narrow;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
@@ -55,6 +57,24 @@ pub(crate) fn tensor_f32<'a>(
 pub(crate) fn threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
+}
+
+/// The gradient through an optional ReLU: `grad` where the ReLU's output `res` is positive
+/// (PyTorch's choice, 0 at 0), else 0; `grad` itself without one.
+pub(crate) fn relu_grad<'a>(relu: bool, grad: &'a [f32], res: &[f32]) -> Cow<'a, [f32]> {
+    if !relu {
+        return Cow::Borrowed(grad);
+    }
+    let mut masked = vec![0f32; grad.len()];
+    relu_grad_into(&mut masked, grad, res);
+    Cow::Owned(masked)
+}
+
+/// [`relu_grad`] of a ReLU into `dst`.
+pub(crate) fn relu_grad_into(dst: &mut [f32], grad: &[f32], res: &[f32]) {
+    for ((d, &g), &r) in dst.iter_mut().zip(grad).zip(res) {
+        *d = if r > 0.0 { g } else { 0.0 };
+    }
 }
 
 /// How [`matmul`] shares a product between threads.

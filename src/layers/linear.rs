@@ -19,7 +19,7 @@
 
 use candle_core::{DType, Result, Shape, Tensor};
 
-use super::cpu::{apply, matmul, Split, WeightOp};
+use super::cpu::{apply, matmul, relu_grad, Split, WeightOp};
 
 /// The op's name in error messages.
 const OP: &str = "linear";
@@ -171,18 +171,8 @@ impl WeightOp for LinearOp {
     ) -> [Option<Vec<f32>>; 3] {
         let (n, inp, out) = (self.n, self.inp, self.out);
         let threads = (Self::threads(), Split::Rows);
-        // The ReLU's gradient: through where the output is positive.
-        let masked;
-        let g: &[f32] = if self.relu {
-            masked = grad
-                .iter()
-                .zip(res)
-                .map(|(&g, &y)| if y > 0.0 { g } else { 0.0 })
-                .collect::<Vec<_>>();
-            &masked
-        } else {
-            grad
-        };
+        let g = relu_grad(self.relu, grad, res);
+        let g: &[f32] = &g;
         // dW[out x inp] = g^T[out x n] * x[n x inp]
         let dw = want_dw.then(|| {
             let mut dw = vec![0f32; out * inp];

@@ -160,14 +160,15 @@ unsafe fn panels(
                     let cols = NR.min(n - q * NR);
                     let panel = packed.add(q * kb * NR);
                     let c = c.add(i0 * ldc + q * NR);
+                    // Rows past `m` repeat the last row of `a` (their results are dropped).
+                    let a_rows = std::array::from_fn(|r| a.add(r.min(rows - 1) * lda));
                     if rows == MR && cols == NR {
-                        broadcast_tile(len, a, lda, panel, c, ldc);
+                        broadcast_tile(len, &a_rows, panel, c, ldc);
                     } else {
-                        // A partial tile: rows past `m` repeat the last row of `a` (their
-                        // results are dropped), columns past `n` are zero in the panel.
+                        // A partial tile, into a zeroed buffer whose valid part is then added:
+                        // the panel's columns past `n` are zero.
                         edge.fill(0.0);
-                        let a_last = a.add((rows - 1) * lda);
-                        broadcast_tile_rows(len, a, lda, rows, a_last, panel, edge.as_mut_ptr());
+                        broadcast_tile(len, &a_rows, panel, edge.as_mut_ptr(), NR);
                         for r in 0..rows {
                             for j in 0..cols {
                                 *c.add(r * ldc + j) += edge[r * NR + j];
@@ -180,23 +181,21 @@ unsafe fn panels(
     });
 }
 
-/// `c[6 x 16] += a[6 x k] * panel[k x 16]`, `a`'s rows at stride `lda`, `c`'s at `ldc`.
+/// `c[6 x 16] += a[6 x k] * panel[k x 16]`, row `r` of `a` at `rows[r]`, `c`'s rows at `ldc`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn broadcast_tile(
     k: usize,
-    a: *const f32,
-    lda: usize,
+    rows: &[*const f32; MR],
     panel: *const f32,
     c: *mut f32,
     ldc: usize,
 ) {
-    let rows: [*const f32; MR] = std::array::from_fn(|r| a.add(r * lda));
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let step = |p: usize, acc: &mut [[__m256; 2]; MR]| {
         let b0 = _mm256_load_ps(panel.add(p * NR));
         let b1 = _mm256_load_ps(panel.add(p * NR + 8));
-        for (acc, row) in acc.iter_mut().zip(&rows) {
+        for (acc, row) in acc.iter_mut().zip(rows) {
             let av = _mm256_broadcast_ss(&*row.add(p));
             acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
             acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
@@ -206,7 +205,7 @@ unsafe fn broadcast_tile(
     let mut p = 0;
     while p < lines {
         // One cache line of each row of `a` per 16 steps: fetch the line PREFETCH steps ahead.
-        for row in &rows {
+        for row in rows {
             _mm_prefetch::<_MM_HINT_T0>(row.add(p + PREFETCH).cast());
         }
         for q in p..p + 16 {
@@ -224,37 +223,6 @@ unsafe fn broadcast_tile(
             out.add(8),
             _mm256_add_ps(acc[1], _mm256_loadu_ps(out.add(8))),
         );
-    }
-}
-
-/// [`broadcast_tile`] for the last `rows < 6` rows of `a` into a 6 x 16 buffer `c` (row stride
-/// 16): the missing rows read `a_last` instead.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn broadcast_tile_rows(
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    rows: usize,
-    a_last: *const f32,
-    panel: *const f32,
-    c: *mut f32,
-) {
-    let a_rows: [*const f32; MR] =
-        std::array::from_fn(|r| if r < rows { a.add(r * lda) } else { a_last });
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    for p in 0..k {
-        let b0 = _mm256_load_ps(panel.add(p * NR));
-        let b1 = _mm256_load_ps(panel.add(p * NR + 8));
-        for (acc, row) in acc.iter_mut().zip(&a_rows) {
-            let av = _mm256_broadcast_ss(&*row.add(p));
-            acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
-            acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        _mm256_storeu_ps(c.add(r * NR), acc[0]);
-        _mm256_storeu_ps(c.add(r * NR + 8), acc[1]);
     }
 }
 
@@ -303,20 +271,7 @@ unsafe fn tile<const RR: usize, const CC: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn broadcast_tile(_: usize, _: *const f32, _: usize, _: *const f32, _: *mut f32, _: usize) {
-    unreachable!("narrow_gemm: only called where `available()`")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn broadcast_tile_rows(
-    _: usize,
-    _: *const f32,
-    _: usize,
-    _: usize,
-    _: *const f32,
-    _: *const f32,
-    _: *mut f32,
-) {
+unsafe fn broadcast_tile(_: usize, _: &[*const f32; MR], _: *const f32, _: *mut f32, _: usize) {
     unreachable!("narrow_gemm: only called where `available()`")
 }
 

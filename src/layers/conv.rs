@@ -229,16 +229,26 @@ impl Geometry {
         (lo, hi.max(lo))
     }
 
-    /// Fills row `(ki, kj)` of one input channel's block of an im2col buffer: the input pixel
-    /// each output pixel sees through that kernel tap, zero in the padding.
-    fn im2col_row(&self, plane: &[f32], ki: usize, kj: usize, row: &mut [f32]) {
-        let (s, ow) = (self.stride, self.ow);
+    /// Output rows `y0..y1` of `oys` whose input row through kernel row `ki` is inside the input.
+    fn valid_rows(&self, ki: usize, oys: &Range<usize>) -> (usize, usize) {
         let (y0, y1) = self.valid(ki, self.h, self.oh);
+        let y0 = y0.clamp(oys.start, oys.end);
+        (y0, y1.clamp(y0, oys.end))
+    }
+
+    /// Fills row `(ki, kj)` of one input channel's block of an im2col buffer, for the output
+    /// rows `oys` (`oys.len() * ow` columns): the input pixel each output pixel sees through
+    /// that kernel tap, zero in the padding.
+    fn im2col_row(&self, plane: &[f32], ki: usize, kj: usize, oys: &Range<usize>, row: &mut [f32]) {
+        let (s, ow) = (self.stride, self.ow);
+        let (y0, y1) = self.valid_rows(ki, oys);
         let (x0, x1) = self.valid(kj, self.w, self.ow);
-        row[..y0 * ow].fill(0.0);
-        row[y1 * ow..].fill(0.0);
+        // Output row `oy` is `row[(oy - base) * ow..]`.
+        let base = oys.start;
+        row[..(y0 - base) * ow].fill(0.0);
+        row[(y1 - base) * ow..].fill(0.0);
         if x0 == x1 || y0 == y1 {
-            row[y0 * ow..y1 * ow].fill(0.0);
+            row[(y0 - base) * ow..(y1 - base) * ow].fill(0.0);
             return;
         }
         if s == 1 && ow == self.w {
@@ -250,17 +260,17 @@ impl Geometry {
                 start.max(0) as usize,
                 end.min(plane.len() as isize) as usize,
             );
-            let dst_lo = (lo as isize - shift) as usize;
+            let dst_lo = (lo as isize - shift) as usize - base * ow;
             row[dst_lo..dst_lo + (hi - lo)].copy_from_slice(&plane[lo..hi]);
             for oy in y0..y1 {
-                let dst = &mut row[oy * ow..(oy + 1) * ow];
+                let dst = &mut row[(oy - base) * ow..(oy - base + 1) * ow];
                 dst[..x0].fill(0.0);
                 dst[x1..].fill(0.0);
             }
             return;
         }
         for oy in y0..y1 {
-            let dst = &mut row[oy * ow..(oy + 1) * ow];
+            let dst = &mut row[(oy - base) * ow..(oy - base + 1) * ow];
             dst[..x0].fill(0.0);
             dst[x1..].fill(0.0);
             let iy = oy * s + ki - self.pad;
@@ -276,16 +286,18 @@ impl Geometry {
         }
     }
 
-    /// Adds row `(ki, kj)` of an im2col-shaped gradient back onto the input pixels it came from.
-    fn col2im_row(&self, row: &[f32], ki: usize, kj: usize, plane: &mut [f32]) {
+    /// Adds row `(ki, kj)` of an im2col-shaped gradient of output rows `oys` back onto the
+    /// input pixels it came from.
+    fn col2im_row(&self, row: &[f32], ki: usize, kj: usize, oys: &Range<usize>, plane: &mut [f32]) {
         let (s, ow) = (self.stride, self.ow);
-        let (y0, y1) = self.valid(ki, self.h, self.oh);
+        let (y0, y1) = self.valid_rows(ki, oys);
         let (x0, x1) = self.valid(kj, self.w, self.ow);
         if x0 == x1 {
             return;
         }
         for oy in y0..y1 {
-            let src = &row[oy * ow + x0..oy * ow + x1];
+            let at = (oy - oys.start) * ow;
+            let src = &row[at + x0..at + x1];
             let iy = oy * s + ki - self.pad;
             let dst = &mut plane[iy * self.w + x0 * s + kj - self.pad..(iy + 1) * self.w];
             for (d, &v) in dst.iter_mut().step_by(s).zip(src) {
@@ -294,12 +306,42 @@ impl Geometry {
         }
     }
 
+    /// Output rows per column block of the im2col buffer. Tiles of whole input channels (see
+    /// [`Self::tiles`]) over all output pixels are far above [`COL_TILE`] for a strided
+    /// convolution with a wide output and few input channels (AlexNet's conv1: 11x11 taps over
+    /// 55x55 outputs, 2.9 MB per 2-channel tile, in two gemm passes over the output). There
+    /// one tile takes all input channels and the columns go in blocks of whole output rows,
+    /// about [`COL_TILE`] floats each (conv1 forward at batch 16 and 64: 1.1-1.3x; training
+    /// step at batch 32: 1.07-1.18x). Elsewhere one block holds all rows, and so where a batch
+    /// has fewer images than threads: each block's gemm would be split over the threads, and
+    /// their synchronisation cost more than the blocks saved (conv1 at batch 1: 0.84-0.9x).
+    fn block_rows(&self) -> usize {
+        let k = self.k();
+        let split_gemms = self.split().1 > 1;
+        if split_gemms || self.stride == 1 || k > MAX_BLOCK_K {
+            return self.oh;
+        }
+        (COL_TILE / (k * self.ow)).clamp(1, self.oh)
+    }
+
+    /// The column blocks: ranges of output rows of [`Self::block_rows`] rows each.
+    fn blocks(&self) -> impl Iterator<Item = Range<usize>> {
+        let (oh, rows) = (self.oh, self.block_rows());
+        (0..oh).step_by(rows).map(move |y0| y0..(y0 + rows).min(oh))
+    }
+
     /// Input channels per im2col tile, and the tiles: the im2col buffer holds the rows of
     /// whole input channels, about [`COL_TILE`] floats (at least [`MIN_TILE_ROWS`] rows), so
-    /// that the gemm reads it from cache right after im2col wrote it.
+    /// that the gemm reads it from cache right after im2col wrote it; all of them when the
+    /// columns go in blocks ([`Self::block_rows`]).
     fn tiles(&self) -> impl Iterator<Item = Range<usize>> {
         let (cin_g, kk) = (self.cin_g(), self.kh * self.kw);
-        let rows = (COL_TILE / self.p()).max(MIN_TILE_ROWS);
+        let blocked = self.block_rows() < self.oh;
+        let rows = if blocked {
+            usize::MAX
+        } else {
+            (COL_TILE / self.p()).max(MIN_TILE_ROWS)
+        };
         let per = rows.div_ceil(kk).min(cin_g).max(1);
         // Even tiles rather than full ones and a small remainder.
         let per = cin_g.div_ceil(cin_g.div_ceil(per));
@@ -311,25 +353,33 @@ impl Geometry {
     /// Floats of the largest im2col tile.
     fn tile_len(&self) -> usize {
         let channels = self.tiles().map(|c| c.len()).max().unwrap_or(0);
-        channels * self.kh * self.kw * self.p()
+        channels * self.kh * self.kw * self.block_rows() * self.ow
     }
 
     /// im2col of input channels `chans` of one group of one image (`x`: the group's planes)
-    /// into the first `chans.len() * kh * kw` rows of `col`; in parallel when `parallel`, one
-    /// task per (channel, kernel row), or per channel when strided.
-    fn im2col(&self, x: &[f32], chans: Range<usize>, col: &mut [f32], parallel: bool) {
-        let (p, hw, kh) = (self.p(), self.h * self.w, self.kh);
+    /// for the output rows `oys`, into the first `chans.len() * kh * kw` rows (of
+    /// `oys.len() * ow` columns) of `col`; in parallel when `parallel`, one task per (channel,
+    /// kernel row), or per channel when strided.
+    fn im2col(
+        &self,
+        x: &[f32],
+        chans: Range<usize>,
+        oys: &Range<usize>,
+        col: &mut [f32],
+        parallel: bool,
+    ) {
+        let (p, hw, kh) = (oys.len() * self.ow, self.h * self.w, self.kh);
         let col = &mut col[..chans.len() * kh * self.kw * p];
         let plane = |c: usize| &x[(chans.start + c) * hw..(chans.start + c + 1) * hw];
         if self.stride == 1 {
             for_tasks(col, self.kw * p, parallel, |t, rows| {
                 for (kj, row) in rows.chunks_exact_mut(p).enumerate() {
-                    self.im2col_row(plane(t / kh), t % kh, kj, row);
+                    self.im2col_row(plane(t / kh), t % kh, kj, oys, row);
                 }
             });
         } else {
             for_tasks(col, kh * self.kw * p, parallel, |c, rows| {
-                self.im2col_strided(plane(c), rows)
+                self.im2col_strided(plane(c), oys, rows)
             });
         }
     }
@@ -339,12 +389,17 @@ impl Geometry {
     /// its `stride` phases, `phases[j % s][j / s] = row[j]`: the output row `oy` of tap
     /// `(ki, kj)`, where `oy * s + ki` is that input row, is the contiguous run of phase `kj % s`
     /// from `kj / s`.
-    fn im2col_strided(&self, plane: &[f32], rows: &mut [f32]) {
-        let (s, p, ow, kw) = (self.stride, self.p(), self.ow, self.kw);
+    fn im2col_strided(&self, plane: &[f32], oys: &Range<usize>, rows: &mut [f32]) {
+        if oys.is_empty() {
+            return;
+        }
+        let (s, p, ow, kw) = (self.stride, oys.len() * self.ow, self.ow, self.kw);
         let phase_len = (self.w + 2 * self.pad).div_ceil(s);
         // The padding stays zero: only the input's columns are written below.
         let mut phases = vec![0f32; s * phase_len];
-        for iy in 0..self.h + 2 * self.pad {
+        // The (padded) input rows that output rows `oys` read.
+        let last = (oys.end.max(1) - 1) * s + self.kh;
+        for iy in oys.start * s..last.min(self.h + 2 * self.pad) {
             let inside = (self.pad..self.pad + self.h).contains(&iy);
             if inside {
                 let y = iy - self.pad;
@@ -360,11 +415,11 @@ impl Geometry {
                     }
                 }
             }
-            // Every (oy, ki) with oy * s + ki == iy.
-            let first_oy = (iy + 1).saturating_sub(self.kh).div_ceil(s);
-            for oy in first_oy..=(iy / s).min(self.oh - 1) {
+            // Every (oy, ki) with oy in `oys` and oy * s + ki == iy.
+            let first_oy = (iy + 1).saturating_sub(self.kh).div_ceil(s).max(oys.start);
+            for oy in first_oy..=(iy / s).min(oys.end - 1) {
                 let ki = iy - oy * s;
-                let out = oy * ow..(oy + 1) * ow;
+                let out = (oy - oys.start) * ow..(oy - oys.start + 1) * ow;
                 let taps = rows[ki * kw * p..(ki + 1) * kw * p].chunks_exact_mut(p);
                 for (kj, row) in taps.enumerate() {
                     if inside {
@@ -378,16 +433,23 @@ impl Geometry {
         }
     }
 
-    /// col2im of input channels `chans` of one group of one image: adds the first
-    /// `chans.len() * kh * kw` rows of `col` onto the group's planes `dx`; one plane per task
-    /// when `parallel` (a plane's rows are all its own).
-    fn col2im(&self, col: &[f32], chans: Range<usize>, dx: &mut [f32], parallel: bool) {
-        let (p, hw, kk) = (self.p(), self.h * self.w, self.kh * self.kw);
+    /// col2im of input channels `chans` of one group of one image, output rows `oys`: adds the
+    /// first `chans.len() * kh * kw` rows of `col` onto the group's planes `dx`; one plane per
+    /// task when `parallel` (a plane's rows are all its own).
+    fn col2im(
+        &self,
+        col: &[f32],
+        chans: Range<usize>,
+        oys: &Range<usize>,
+        dx: &mut [f32],
+        parallel: bool,
+    ) {
+        let (p, hw, kk) = (oys.len() * self.ow, self.h * self.w, self.kh * self.kw);
         let planes = &mut dx[chans.start * hw..chans.end * hw];
         let col = &col[..chans.len() * kk * p];
         let add = |(plane, rows): (&mut [f32], &[f32])| {
             for (t, row) in rows.chunks_exact(p).enumerate() {
-                self.col2im_row(row, t / self.kw, t % self.kw, plane);
+                self.col2im_row(row, t / self.kw, t % self.kw, oys, plane);
             }
         };
         if parallel {
@@ -417,13 +479,11 @@ impl Geometry {
         let mut out = vec![0f32; self.n * out_image];
         let (per, threads) = self.split();
         let run = |first: usize, out: &mut [f32]| {
-            with_scratch(self.tile_len(), |col| {
-                for (i, out) in out.chunks_exact_mut(out_image).enumerate() {
-                    let img = first + i;
-                    let x = &x[img * self.in_image()..(img + 1) * self.in_image()];
-                    self.forward_image(x, w, b, relu, out, col, threads);
-                }
-            })
+            for (i, out) in out.chunks_exact_mut(out_image).enumerate() {
+                let img = first + i;
+                let x = &x[img * self.in_image()..(img + 1) * self.in_image()];
+                self.forward_image(x, w, b, relu, out, threads);
+            }
         };
         if per >= self.n {
             run(0, &mut out);
@@ -435,9 +495,9 @@ impl Geometry {
         out
     }
 
-    /// One image: per group, im2col and gemm tile by tile into the output block, then bias and
-    /// ReLU over it.
-    #[allow(clippy::too_many_arguments)]
+    /// One image on `threads` threads, group by group; with several threads and groups, the
+    /// groups side by side, each on its share of the threads (two-tower conv2, 4 and 5 at
+    /// batch 1 on two threads: 1.1-1.3x against splitting each gemm over both).
     fn forward_image(
         &self,
         x: &[f32],
@@ -445,32 +505,64 @@ impl Geometry {
         b: Option<&[f32]>,
         relu: bool,
         out: &mut [f32],
+        threads: usize,
+    ) {
+        let group_out = self.cout_g() * self.p();
+        let group = |(g, out): (usize, &mut [f32]), threads: usize| {
+            with_scratch(self.tile_len(), |col| {
+                self.forward_group(x, w, b, relu, g, out, col, threads)
+            })
+        };
+        if threads > 1 && self.groups > 1 {
+            let threads = (threads / self.groups).max(1);
+            out.par_chunks_mut(group_out)
+                .enumerate()
+                .for_each(|g| group(g, threads));
+        } else {
+            out.chunks_mut(group_out)
+                .enumerate()
+                .for_each(|g| group(g, threads));
+        }
+    }
+
+    /// Group `g` of one image `x` into `out`: block by block, im2col and gemm tile by tile,
+    /// then bias and ReLU while the block is in cache.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_group(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        b: Option<&[f32]>,
+        relu: bool,
+        g: usize,
+        out: &mut [f32],
         col: &mut [f32],
         threads: usize,
     ) {
         let (k, p, cout_g) = (self.k(), self.p(), self.cout_g());
         let x_group = self.cin_g() * self.h * self.w;
         let kk = self.kh * self.kw;
-        for g in 0..self.groups {
-            let x = &x[g * x_group..(g + 1) * x_group];
-            let out = &mut out[g * cout_g * p..(g + 1) * cout_g * p];
-            let w = &w[g * cout_g * k..(g + 1) * cout_g * k];
+        let x = &x[g * x_group..(g + 1) * x_group];
+        let w = &w[g * cout_g * k..(g + 1) * cout_g * k];
+        for oys in self.blocks() {
+            let cols = oys.start * self.ow..oys.end * self.ow;
             for chans in self.tiles() {
-                let (k0, rows) = (chans.start * kk, chans.len() * kk);
+                let (k0, krows) = (chans.start * kk, chans.len() * kk);
                 let first = chans.start == 0;
-                self.im2col(x, chans, col, threads > 1);
-                // out[cout_g, p] (+)= w[cout_g, k0..k0 + rows] * col[rows, p]
-                let (lhs, rhs) = ((&w[k0..], k, 1), (&col[..], p, 1));
+                self.im2col(x, chans, &oys, col, threads > 1);
+                // out[cout_g, cols] (+)= w[cout_g, k0..k0 + krows] * col[krows, cols]
+                let (lhs, rhs) = ((&w[k0..], k, 1), (&col[..], cols.len(), 1));
                 matmul(
-                    (out, p),
+                    (&mut out[cols.start..], p),
                     !first,
-                    (cout_g, p, rows),
+                    (cout_g, cols.len(), krows),
                     lhs,
                     rhs,
                     (threads, Split::Cols),
                 );
             }
             for_tasks(out, p, threads > 1, |c, row| {
+                let row = &mut row[cols.clone()];
                 let bias = b.map_or(0.0, |b| b[g * cout_g + c]);
                 if relu {
                     row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0));
@@ -660,37 +752,40 @@ impl Geometry {
         for grp in 0..self.groups {
             let g = &g[grp * cout_g * p..(grp + 1) * cout_g * p];
             let x = &x[grp * x_group..(grp + 1) * x_group];
-            for chans in self.tiles() {
-                let (k0, rows) = (chans.start * kk, chans.len() * kk);
-                if !grads.dw.is_empty() {
-                    self.im2col(x, chans.clone(), col, threads > 1);
-                    // dw[cout_g, k0..k0 + rows] (+)= g[cout_g, p] * col^T[p, rows]
-                    let dw = &mut grads.dw[grp * cout_g * k + k0..(grp + 1) * cout_g * k];
-                    let (shape, acc) = ((cout_g, rows, p), !grads.first);
-                    matmul(
-                        (dw, k),
-                        acc,
-                        shape,
-                        (g, p, 1),
-                        (&col[..], 1, p),
-                        (threads, Split::Cols),
-                    );
-                }
-                if let Some(dx) = dx.as_deref_mut() {
-                    // col[rows, p] = w^T[k0..k0 + rows, cout_g] * g[cout_g, p], then back
-                    // onto the input planes.
-                    let shape = (rows, p, cout_g);
-                    let wt = &wt[grp * k * cout_g + k0 * cout_g..(grp + 1) * k * cout_g];
-                    matmul(
-                        (col, p),
-                        false,
-                        shape,
-                        (wt, cout_g, 1),
-                        (g, p, 1),
-                        (threads, Split::Cols),
-                    );
-                    let dx = &mut dx[grp * x_group..(grp + 1) * x_group];
-                    self.col2im(col, chans, dx, threads > 1);
+            for oys in self.blocks() {
+                let cols = oys.start * self.ow..oys.end * self.ow;
+                let (g, bp) = (&g[cols.start..], cols.len());
+                for chans in self.tiles() {
+                    let (k0, rows) = (chans.start * kk, chans.len() * kk);
+                    if !grads.dw.is_empty() {
+                        self.im2col(x, chans.clone(), &oys, col, threads > 1);
+                        // dw[cout_g, k0..k0 + rows] (+)= g[cout_g, cols] * col^T[cols, rows]
+                        let dw = &mut grads.dw[grp * cout_g * k + k0..(grp + 1) * cout_g * k];
+                        let acc = !grads.first || oys.start > 0;
+                        matmul(
+                            (dw, k),
+                            acc,
+                            (cout_g, rows, bp),
+                            (g, p, 1),
+                            (&col[..], 1, bp),
+                            (threads, Split::Cols),
+                        );
+                    }
+                    if let Some(dx) = dx.as_deref_mut() {
+                        // col[rows, cols] = w^T[k0..k0 + rows, cout_g] * g[cout_g, cols], then
+                        // back onto the input planes.
+                        let wt = &wt[grp * k * cout_g + k0 * cout_g..(grp + 1) * k * cout_g];
+                        matmul(
+                            (col, bp),
+                            false,
+                            (rows, bp, cout_g),
+                            (wt, cout_g, 1),
+                            (g, p, 1),
+                            (threads, Split::Cols),
+                        );
+                        let dx = &mut dx[grp * x_group..(grp + 1) * x_group];
+                        self.col2im(col, chans, &oys, dx, threads > 1);
+                    }
                 }
             }
         }
@@ -717,6 +812,11 @@ const MIN_ELEMS_PER_TASK: usize = 1 << 14;
 /// this was tuned on, next to gemm's packed blocks). Tiles of 125 to 567 rows run 6 to 25%
 /// faster than whole-image im2col buffers on AlexNet's layers.
 const COL_TILE: usize = 96 * 1024;
+
+/// Most im2col rows (input channels x taps per group) for which a strided convolution's
+/// columns go in blocks ([`Geometry::block_rows`]): more would make the blocks too narrow for the
+/// gemm, and channel tiles then already bound the buffer.
+const MAX_BLOCK_K: usize = 1024;
 
 /// Fewest rows of an im2col tile (a wide image gets a thin tile): fewer make gemm's passes
 /// over the output too short.
@@ -892,7 +992,13 @@ mod tests {
             case([1, 32, 12, 12], 8, 3, 2, 1, 1),
             // Wide images: im2col in several tiles of input channels.
             case([2, 32, 28, 28], 8, 3, 1, 1, 1),
+            // Strided with few input channels: all channels in one tile, the columns in blocks
+            // of output rows (the last one shorter in the second case).
             case([1, 4, 115, 115], 4, 11, 1, 4, 2),
+            case([2, 3, 55, 55], 4, 7, 1, 2, 2),
+            // conv1-like, an image per thread (blocks need each gemm on one thread): 15 + 2
+            // output rows per block.
+            case([super::super::cpu::threads(), 3, 75, 75], 4, 11, 1, 4, 0),
         ]
     }
 
@@ -1088,7 +1194,7 @@ mod tests {
     }
 
     #[test]
-    fn tiles_cover_the_channels_evenly() -> Result<()> {
+    fn tiles_cover_the_channels_and_blocks_the_rows() -> Result<()> {
         let geometry = |c: &Case| -> Result<Geometry> {
             let s = setup(c)?;
             Geometry::new(&s.x, &s.w, Some(&s.b), &s.cfg)
@@ -1097,11 +1203,79 @@ mod tests {
         let case = |x: [usize; 4]| cases().into_iter().find(|c| c.x == x).expect("case");
         // 128 rows of 784 pixels: 15 channels of 3x3, evened out over 3 tiles.
         assert_eq!(tiles(&case([2, 32, 28, 28]))?, [0..11, 11..22, 22..32]);
-        // One 11x11 channel is 121 rows: 2 per tile.
-        assert_eq!(tiles(&case([1, 4, 115, 115]))?, [0..2, 2..4]);
         // Small images: all channels in one tile.
         let small = tiles(&case([1, 32, 12, 12]))?;
         assert_eq!((small.len(), small[0].clone()), (1, 0..16));
+        // Stride 4, 4 channels of 11x11 (484 rows) over 28x28 outputs: one tile, 7 output
+        // rows (196 columns, 95 K floats) per block, in a batch of at least one image per
+        // thread (each gemm on one thread).
+        let mut g = geometry(&case([1, 4, 115, 115]))?;
+        if super::super::cpu::threads() > 1 {
+            assert_eq!(g.blocks().count(), 1, "gemms split over threads: no blocks");
+        }
+        g.n = 1 << 20;
+        assert_eq!(g.tiles().collect::<Vec<_>>(), vec![0..4]);
+        assert_eq!(
+            g.blocks().collect::<Vec<_>>(),
+            [0..7, 7..14, 14..21, 21..28]
+        );
+        assert_eq!(g.tile_len(), 484 * 7 * 28);
+        // Stride 2, 147 rows over 27x27 outputs: 24 rows per block and 3 left over.
+        let mut g = geometry(&case([2, 3, 55, 55]))?;
+        g.n = 1 << 20;
+        assert_eq!(g.blocks().collect::<Vec<_>>(), [0..24, 24..27]);
+        let conv1 = cases().into_iter().last().expect("case");
+        let g = geometry(&conv1)?;
+        assert_eq!(g.blocks().collect::<Vec<_>>(), [0..15, 15..17]);
+        // Stride 1: one block, whatever the size.
+        let mut g = geometry(&case([2, 32, 28, 28]))?;
+        g.n = 1 << 20;
+        assert_eq!(g.blocks().collect::<Vec<_>>(), vec![0..28]);
+        Ok(())
+    }
+
+    /// im2col and col2im of a block of output rows are that block's columns of the whole
+    /// image's, for every case (stride 1 and strided, padded or not), whatever blocks the
+    /// layers themselves use.
+    #[test]
+    fn blocks_of_im2col_and_col2im_match_the_whole() -> Result<()> {
+        for c in cases() {
+            let s = setup(&c)?;
+            let g = Geometry::new(&s.x, &s.w, None, &s.cfg)?;
+            let (x, ow, hw) = (flat(&s.x)?, g.ow, g.h * g.w);
+            let (chans, rows) = (0..g.cin_g(), g.cin_g() * g.kh * g.kw);
+            let whole = 0..g.oh;
+            let mut full = vec![0f32; rows * g.p()];
+            g.im2col(&x, chans.clone(), &whole, &mut full, false);
+            let grad = data(rows * g.p(), 4);
+            let mut dx_full = vec![0f32; g.cin_g() * hw];
+            g.col2im(&grad, chans.clone(), &whole, &mut dx_full, false);
+            let mid = g.oh / 2;
+            let mut dx_blocks = vec![0f32; g.cin_g() * hw];
+            for oys in [0..mid, mid..g.oh, 1..g.oh, 0..1] {
+                let bp = oys.len() * ow;
+                let mut col = vec![f32::NAN; rows * bp];
+                g.im2col(&x, chans.clone(), &oys, &mut col, false);
+                for (row, full) in col.chunks_exact(bp.max(1)).zip(full.chunks_exact(g.p())) {
+                    assert_eq!(
+                        row,
+                        &full[oys.start * ow..oys.end * ow],
+                        "{:?} {oys:?}",
+                        c.x
+                    );
+                }
+            }
+            // The two halves' col2im add up to the whole's.
+            for oys in [0..mid, mid..g.oh] {
+                let bp = oys.len() * ow;
+                let block: Vec<f32> = grad
+                    .chunks_exact(g.p())
+                    .flat_map(|r| r[oys.start * ow..oys.start * ow + bp].to_vec())
+                    .collect();
+                g.col2im(&block, chans.clone(), &oys, &mut dx_blocks, false);
+            }
+            assert!(rel_err(&dx_blocks, &dx_full) < 1e-6, "{:?}", c.x);
+        }
         Ok(())
     }
 

@@ -20,13 +20,16 @@
 //! The patch matrix is built a tile of whole input channels at a time (about 384 KiB), and each
 //! tile's gemm adds to the output, so that the gemm reads what im2col just wrote from cache
 //! (6 to 25% faster than whole-image buffers on AlexNet's layers); strided convolutions (conv1)
-//! gather through per-row phase buffers rather than element by element.
+//! gather through per-row phase buffers rather than element by element, and where their channel
+//! tiles would be far above that size (few channels, a wide output: conv1) all channels go in
+//! one tile and the columns in blocks of whole output rows.
 //!
 //! A batch of at least as many images as threads is split into one run of images per thread, each
 //! with single-threaded gemms, its own reused scratch and its own weight-gradient partial sums
 //! (added up in a fixed order, so results do not depend on scheduling): 15 to 20% faster than
 //! threading each image's gemms. A smaller batch runs image by image with each gemm split by
-//! columns over the threads (faster than gemm's own threading for these shapes). Elsewhere (other
+//! columns over the threads (faster than gemm's own threading for these shapes), or, for a
+//! grouped convolution, its groups side by side. Elsewhere (other
 //! devices and dtypes, dilation > 1) [`conv2d`] is candle's `conv2d`, bias add and ReLU, so CUDA
 //! and Metal keep their kernels.
 

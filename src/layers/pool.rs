@@ -164,8 +164,6 @@ impl Geometry {
     /// PyTorch's scan: start at the window's first element with `-inf` (`neg_inf`, hoisted out
     /// of the loops by the callers), take `v > max || isnan(v)`.
     #[inline(always)]
-    // `v != v` is the NaN test of a generic float.
-    #[allow(clippy::eq_op)]
     fn argmax<T: WithDType>(&self, plane: &[T], i: usize, j: usize, neg_inf: T) -> (usize, T) {
         let (r0, r1) = self.window(i, self.h);
         let (c0, c1) = self.window(j, self.w);
@@ -175,7 +173,7 @@ impl Geometry {
             let start = r * self.w + c0;
             let row = &plane[start..r * self.w + c1];
             for (c, &v) in row.iter().enumerate() {
-                if v > max || v != v {
+                if replaces(v, max) {
                     max = v;
                     best = start + c;
                 }
@@ -189,8 +187,6 @@ impl Geometry {
     /// scan on fixed-size rows: unrolled, without bounds checks (torchvision's three pool
     /// backwards at batch 32, with the test loss's own backward: 104 -> 82 ms).
     #[inline(always)]
-    // `v != v` is the NaN test of a generic float.
-    #[allow(clippy::eq_op)]
     fn argmax_row<T: WithDType, const K: usize>(
         &self,
         plane: &[T],
@@ -200,10 +196,10 @@ impl Geometry {
         grad: &mut [T],
     ) -> usize {
         let (r0, w, s) = (i * self.stride, self.w, self.stride);
-        if r0 + K > self.h || w < K {
+        if r0 + K > self.h {
             return 0;
         }
-        let whole = ((w - K) / s + 1).min(g.len());
+        let whole = pooled_size(w, K, s, false).unwrap_or(0).min(g.len());
         let rows: [&[T]; K] = std::array::from_fn(|r| &plane[(r0 + r) * w..(r0 + r + 1) * w]);
         for (j, &g) in g[..whole].iter().enumerate() {
             let c0 = j * s;
@@ -212,7 +208,7 @@ impl Geometry {
             for (r, row) in rows.iter().enumerate() {
                 let win: &[T; K] = row[c0..c0 + K].try_into().expect("K elements");
                 for (c, &v) in win.iter().enumerate() {
-                    if v > max || v != v {
+                    if replaces(v, max) {
                         max = v;
                         best = (r0 + r) * w + c0 + c;
                     }
@@ -296,14 +292,21 @@ impl Geometry {
 
 /// The larger of `a` and `b`, or NaN if `b` is NaN (and `a` if `a` is: NaN is never below).
 #[inline(always)]
-// `v != v` is the NaN test of a generic float.
-#[allow(clippy::eq_op)]
 fn nan_max<T: PartialOrd + Copy>(a: T, b: T) -> T {
-    if b > a || b != b {
+    if replaces(b, a) {
         b
     } else {
         a
     }
+}
+
+/// Whether a scan for the maximum takes `v` over the best so far, `max`: PyTorch's rule, `v >
+/// max || isnan(v)` (the first of equal maxima stays, a NaN always wins).
+#[inline(always)]
+// `v != v` is the NaN test of a generic float.
+#[allow(clippy::eq_op)]
+fn replaces<T: PartialOrd>(v: T, max: T) -> bool {
+    v > max || v != v
 }
 
 /// The maxima of the whole `K`-wide windows of `cols` at stride `S` into the first outputs of
@@ -315,12 +318,9 @@ fn window_maxes<T: PartialOrd + Copy, const K: usize, const S: usize>(
     cols: &[T],
     out: &mut [T],
 ) -> usize {
-    let whole = if cols.len() >= K {
-        (cols.len() - K) / S + 1
-    } else {
-        0
-    };
-    let n = out.len().min(whole);
+    let n = pooled_size(cols.len(), K, S, false)
+        .unwrap_or(0)
+        .min(out.len());
     for (j, o) in out[..n].iter_mut().enumerate() {
         let win: &[T; K] = cols[j * S..j * S + K].try_into().expect("K elements");
         *o = win[1..].iter().fold(win[0], |m, &v| nan_max(m, v));

@@ -93,9 +93,36 @@ const MIN_PER_TASK: usize = 64;
 /// `dst[m x n] = (dst if accumulate) + lhs[m x k] * rhs[k x n]`, with `dst` given as `(data,
 /// row stride)` and the operands as `(data, row stride, column stride)`. With `threads > 1`, the
 /// columns or rows (`split`) are cut into one block per thread, each a single-threaded gemm of
-/// the `gemm` crate (for these shapes that beats gemm's own threading by 10 to 60%), or of
-/// [`narrow::narrow_gemm`] for the narrow products of the linear layers on AVX2 CPUs.
+/// the `gemm` crate (for these shapes that beats gemm's own threading by 10 to 60%), or, on
+/// AVX2 CPUs, of [`narrow::narrow_gemm`] for the narrow products of the linear layers' forward.
 pub(crate) fn matmul(
+    dst: (&mut [f32], usize),
+    accumulate: bool,
+    sizes: (usize, usize, usize),
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    threads: (usize, Split),
+) {
+    matmul_with(false, dst, accumulate, sizes, lhs, rhs, threads);
+}
+
+/// [`matmul`] of a product with few rows (`m`) and a long row-major `rhs`, a linear layer's
+/// input gradient `g W`: on AVX2 CPUs, for 2 to [`narrow::WIDE_MAX_SIDE`] rows, each block is
+/// [`narrow::wide_gemm`], which reads `rhs` in place.
+pub(crate) fn matmul_few_rows(
+    dst: (&mut [f32], usize),
+    accumulate: bool,
+    sizes: (usize, usize, usize),
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    threads: (usize, Split),
+) {
+    matmul_with(true, dst, accumulate, sizes, lhs, rhs, threads);
+}
+
+/// [`matmul`], or [`matmul_few_rows`] when `few_rows`.
+fn matmul_with(
+    few_rows: bool,
     (dst, dst_rs): (&mut [f32], usize),
     accumulate: bool,
     (m, n, k): (usize, usize, usize),
@@ -119,6 +146,12 @@ pub(crate) fn matmul(
     let dst = DstPtr(dst.as_mut_ptr());
     // A narrow product whose operands both run along `k` (a linear layer's `W x^T`).
     let narrow = n <= narrow::MAX_N && lhs_cs == 1 && rhs_rs == 1 && narrow::available();
+    let wide = few_rows
+        && !narrow
+        && rhs_cs == 1
+        && (2..=narrow::WIDE_MAX_SIDE).contains(&m)
+        && n > narrow::MAX_N
+        && narrow::available();
     // Rows `i0..i0 + rows`, columns `j0..j0 + cols` of the product, single-threaded.
     let block = |(i0, rows): (usize, usize), (j0, cols): (usize, usize)| {
         if narrow {
@@ -132,6 +165,21 @@ pub(crate) fn matmul(
                     accumulate,
                     (lhs.as_ptr().add(i0 * lhs_rs), lhs_rs),
                     (rhs.as_ptr().add(j0 * rhs_cs), rhs_cs),
+                );
+            }
+            return;
+        }
+        if wide {
+            // SAFETY: as below; `wide` checked the CPU and that `rhs` is contiguous along
+            // its rows, the layout `wide_gemm` reads.
+            unsafe {
+                narrow::wide_gemm(
+                    (rows, cols, k),
+                    dst.get().add(i0 * dst_rs + j0),
+                    dst_rs,
+                    accumulate,
+                    (lhs.as_ptr().add(i0 * lhs_rs), lhs_rs, lhs_cs),
+                    (rhs.as_ptr().add(j0), rhs_rs),
                 );
             }
             return;

@@ -1,14 +1,16 @@
-//! Narrow products for x86-64 with AVX2 and FMA: `c[m x n] = a[m x k] * b[k x n]` where
-//! `a`'s rows and `b`'s columns both run contiguously along `k` and `n` is small, i.e. a fully
-//! connected layer's `W x^T` over a batch of `n`.
+//! Narrow products for x86-64 with AVX2 and FMA, the shapes of a fully connected layer over a
+//! small batch, where the `gemm` crate copies (packs) the whole weight matrix (151 MB for fc6)
+//! for every product or reads it across its rows:
+//! - [`narrow_gemm`]: `c[m x n] = a[m x k] * b[k x n]` where `a`'s rows and `b`'s columns both
+//!   run contiguously along `k` and `n` is small, the forward `W x^T` over a batch of `n`. Here
+//!   `a` is read in place, once from memory: up to 4 columns as dot products (3 x 4 in
+//!   registers, eight lanes along `k`), which runs at the memory bandwidth at batch 1; wider as
+//!   6 x 16 broadcast tiles over `b` packed in 16-column panels that stay in L2, 1.2-1.3x the
+//!   `gemm` crate's speed at 16 and 32 columns (`benches/NOTES.md`).
+//! - [`wide_gemm`]: `c[m x n] = a[m x k] * b[k x n]` with `m` small and `b` row-major, the input
+//!   gradient `g W` over a batch of `m`: 6 x 16 broadcast tiles reading `W`'s rows in place.
 //!
-//! Why not the `gemm` crate here: it packs `a`, a copy of the whole weight matrix (151 MB for
-//! fc6) for every product, and its 16 x 6 register tile fits a narrow `b` badly. Here `a` is
-//! read in place, once from memory: up to 4 columns as dot products (3 x 4 in registers, eight
-//! lanes along `k`), which runs at the memory bandwidth at batch 1; wider as 6 x 16 broadcast
-//! tiles over `b` packed in 16-column panels that stay in L2, 1.2-1.3x the `gemm` crate's speed
-//! at 16 and 32 columns (`benches/NOTES.md`). Elsewhere [`super::cpu::matmul`] keeps the `gemm`
-//! crate.
+//! Elsewhere [`super::cpu::matmul`] keeps the `gemm` crate.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -101,6 +103,152 @@ pub(crate) unsafe fn narrow_gemm(
             }
         }
     }
+}
+
+/// Most rows of a product [`wide_gemm`] takes: at 64 the `gemm` crate (which then packs `b`)
+/// is as fast, and at 1 its matrix-vector kernel is faster.
+pub(crate) const WIDE_MAX_SIDE: usize = 32;
+/// Rows of `b` per block of [`wide_gemm`] (at most). Fewer than 256: `W`'s rows lie a multiple
+/// of 4 KiB apart in AlexNet, so the block's lines share L1 sets (128 measured 5-15% faster
+/// than 256 and 512, and than packing the block into a contiguous copy).
+const WIDE_KB: usize = 128;
+/// Floats of `b` per block of [`wide_gemm`] (16 KiB): rows x columns.
+const WIDE_BLOCK: usize = 4096;
+
+/// `c[m x n] = (c if accumulate) + a[m x k] * b[k x n]` with `b` row-major (row stride `ldb`,
+/// contiguous along `n`) read in place, `a` at any strides (`a_rs`, `a_cs`), `c` row-major (row
+/// stride `ldc`): for a short `m` and a long `n`, a fully connected layer's input gradient
+/// `g W` (`m` = the batch).
+///
+/// Why not the `gemm` crate: with `m <= 32` it reads `b` unpacked down its columns, a new page
+/// per step of `k` (fc6's `g W` at batch 32 ran at ~40 GFLOP/s); with more rows it packs all of
+/// `b`, a copy of fc6's 151 MB weight. Here 6 x 16 register tiles broadcast `a` and load `b`'s
+/// rows as they lie, in blocks of [`WIDE_KB`] rows by [`WIDE_BLOCK`] floats that the row tiles
+/// after the first read from cache (fc6 at batch 32: 1.4-1.8x, `benches/NOTES.md`).
+///
+/// # Safety
+/// [`available`] must be true; the operands must hold every element these sizes and strides
+/// reach, and `c`'s elements must overlap neither operand nor be accessed by another thread
+/// during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn wide_gemm(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    (a, a_rs, a_cs): (*const f32, usize, usize),
+    (b, ldb): (*const f32, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                std::ptr::write_bytes(c.add(i * ldc), 0, n);
+            }
+        }
+        return;
+    }
+    let kb = WIDE_KB.min(k);
+    let nb = (WIDE_BLOCK / kb).max(NR) / NR * NR;
+    for p0 in (0..k).step_by(kb) {
+        let len = kb.min(k - p0);
+        let store = p0 == 0 && !accumulate;
+        for j_block in (0..n).step_by(nb) {
+            for i0 in (0..m).step_by(MR) {
+                let a = a.add(i0 * a_rs + p0 * a_cs);
+                for j0 in (j_block..(j_block + nb).min(n)).step_by(NR) {
+                    let cols = NR.min(n - j0);
+                    let (b, c) = (b.add(p0 * ldb + j0), c.add(i0 * ldc + j0));
+                    let tile = (len, (a, a_rs, a_cs), (b, ldb), (c, ldc), cols, store);
+                    match MR.min(m - i0) {
+                        6 => wide_tile::<6>(tile),
+                        5 => wide_tile::<5>(tile),
+                        4 => wide_tile::<4>(tile),
+                        3 => wide_tile::<3>(tile),
+                        2 => wide_tile::<2>(tile),
+                        _ => wide_tile::<1>(tile),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Operands of one [`wide_tile`]: `k`, `a` with its strides, `b` with its row stride, `c` with
+/// its row stride, the tile's columns (up to 16) and whether to store (else add to) `c`.
+type WideTile = (
+    usize,
+    (*const f32, usize, usize),
+    (*const f32, usize),
+    (*mut f32, usize),
+    usize,
+    bool,
+);
+
+/// `c[RR x cols] (+)= a[RR x k] * b[k x cols]`, `cols <= 16`: loads and stores past `cols`
+/// are masked, so a partial tile touches nothing beyond its columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn wide_tile<const RR: usize>(
+    (k, (a, a_rs, a_cs), (b, ldb), (c, ldc), cols, store): WideTile,
+) {
+    let lane = |first: i32| {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        // All ones where `first + lane < cols`.
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32 - first), idx)
+    };
+    let (m0, m1) = (lane(0), lane(8));
+    let full = cols == NR;
+    let mut acc = [[_mm256_setzero_ps(); 2]; RR];
+    for p in 0..k {
+        let row = b.add(p * ldb);
+        // The next tile's line of this row, which the next block reads from memory.
+        _mm_prefetch::<_MM_HINT_T0>(row.add(NR).cast());
+        let (b0, b1) = if full {
+            (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)))
+        } else {
+            (
+                _mm256_maskload_ps(row, m0),
+                _mm256_maskload_ps(row.add(8), m1),
+            )
+        };
+        let a = a.add(p * a_cs);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av = _mm256_broadcast_ss(&*a.add(r * a_rs));
+            acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+            acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let out = c.add(r * ldc);
+        let (mut v0, mut v1) = (acc[0], acc[1]);
+        if !store {
+            let (c0, c1) = if full {
+                (_mm256_loadu_ps(out), _mm256_loadu_ps(out.add(8)))
+            } else {
+                (
+                    _mm256_maskload_ps(out, m0),
+                    _mm256_maskload_ps(out.add(8), m1),
+                )
+            };
+            v0 = _mm256_add_ps(v0, c0);
+            v1 = _mm256_add_ps(v1, c1);
+        }
+        if full {
+            _mm256_storeu_ps(out, v0);
+            _mm256_storeu_ps(out.add(8), v1);
+        } else {
+            _mm256_maskstore_ps(out, m0, v0);
+            _mm256_maskstore_ps(out.add(8), m1, v1);
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn wide_tile<const RR: usize>(_: WideTile) {
+    unreachable!("wide_gemm: only called where `available()`")
 }
 
 thread_local! {
@@ -296,6 +444,68 @@ mod tests {
         (0..n)
             .map(|i| (((i + seed) * 7919) % 1000) as f32 * 1e-3 - 0.5)
             .collect()
+    }
+
+    /// Full and partial row and column tiles, several `k` blocks with a tail, both layouts of
+    /// `a` (row- and column-major, padded), adding or not, against an f64 reference; the
+    /// padding of `c` past `n` stays untouched (the masked stores).
+    #[test]
+    fn wide_gemm_matches_f64_reference() {
+        if !available() {
+            eprintln!("skipped: this CPU has no AVX2/FMA");
+            return;
+        }
+        for (m, n, k) in [
+            (1, 1, 1),
+            (2, 16, 3),
+            (6, 17, 128),
+            (7, 40, 300),
+            (32, 100, 257),
+        ] {
+            for (accumulate, a_col_major) in [(false, false), (true, false), (false, true)] {
+                let (ldb, ldc) = (n + 5, n + 3);
+                let (a_rs, a_cs) = if a_col_major { (1, m + 2) } else { (k + 3, 1) };
+                let a = data((m + 2) * (k + 3), 1);
+                let b = data(k * ldb, 2);
+                let mut c = data(m * ldc, 3);
+                let c0 = c.clone();
+                // SAFETY: `a` holds (m + 2) x (k + 3) >= every element of either layout, `b`
+                // holds `k` rows of `ldb` and `c` `m` rows of `ldc`.
+                unsafe {
+                    wide_gemm(
+                        (m, n, k),
+                        c.as_mut_ptr(),
+                        ldc,
+                        accumulate,
+                        (a.as_ptr(), a_rs, a_cs),
+                        (b.as_ptr(), ldb),
+                    )
+                };
+                for i in 0..m {
+                    for j in 0..ldc {
+                        let got = c[i * ldc + j];
+                        if j >= n {
+                            assert_eq!(got, c0[i * ldc + j], "padding of c written");
+                            continue;
+                        }
+                        let mut want = if accumulate {
+                            c0[i * ldc + j] as f64
+                        } else {
+                            0.0
+                        };
+                        for p in 0..k {
+                            want += a[i * a_rs + p * a_cs] as f64 * b[p * ldb + j] as f64;
+                        }
+                        let err = (got as f64 - want).abs();
+                        assert!(
+                            err <= 1e-5 * (k as f64).sqrt(),
+                            "({m}, {n}, {k}) accumulate {accumulate} col-major a \
+                             {a_col_major}: c[{i}, {j}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Every path (dot tiles of each shape, broadcast tiles with partial rows and columns, several

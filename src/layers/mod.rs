@@ -7,8 +7,8 @@
 //! its bias and ReLU fused) is a CPU custom op with an im2col + gemm forward and backward
 //! (candle's CPU conv backward is a slow direct loop) and candle's own conv elsewhere;
 //! [`linear`] (bias and ReLU fused) is a CPU custom op whose gemms are laid out for a narrow
-//! batch (on AVX2 CPUs its forward reads the weight in place, without the gemm crate's copy of
-//! it), and candle's matmul elsewhere.
+//! batch (on AVX2 CPUs its forward and its input gradient read the weight in place, without the
+//! gemm crate's copy of it), and candle's matmul elsewhere.
 
 mod conv;
 mod cpu;

@@ -109,8 +109,8 @@ pub(crate) unsafe fn narrow_gemm(
 /// is as fast, and at 1 its matrix-vector kernel is faster.
 pub(crate) const WIDE_MAX_SIDE: usize = 32;
 /// Rows of `b` per block of [`wide_gemm`] (at most). Fewer than 256: `W`'s rows lie a multiple
-/// of 4 KiB apart in AlexNet, so the block's lines share L1 sets (128 measured 5-15% faster
-/// than 256 and 512, and than packing the block into a contiguous copy).
+/// of 4 KiB apart in AlexNet, so the block's lines share L1 sets: 128 measured 5-15% faster
+/// than 256 or 512, and a contiguous copy of each block ~2x slower.
 const WIDE_KB: usize = 128;
 /// Floats of `b` per block of [`wide_gemm`] (16 KiB): rows x columns.
 const WIDE_BLOCK: usize = 4096;
@@ -124,7 +124,8 @@ const WIDE_BLOCK: usize = 4096;
 /// per step of `k` (fc6's `g W` at batch 32 ran at ~40 GFLOP/s); with more rows it packs all of
 /// `b`, a copy of fc6's 151 MB weight. Here 6 x 16 register tiles broadcast `a` and load `b`'s
 /// rows as they lie, in blocks of [`WIDE_KB`] rows by [`WIDE_BLOCK`] floats that the row tiles
-/// after the first read from cache (fc6 at batch 32: 1.4-1.8x, `benches/NOTES.md`).
+/// after the first read from cache (fc6's input gradient at batch 32: 61 -> 33-35 ms,
+/// `benches/NOTES.md`).
 ///
 /// # Safety
 /// [`available`] must be true; the operands must hold every element these sizes and strides
@@ -446,6 +447,37 @@ mod tests {
             .collect()
     }
 
+    /// Checks `c` (`m` rows of `ldc`, `c0` before the product) against `dot(i, j)`, the f64
+    /// product, plus `c0` where `accumulate`, and that the padding past column `n` is untouched.
+    fn check(
+        (c, c0): (&[f32], &[f32]),
+        (m, n, k, ldc): (usize, usize, usize, usize),
+        accumulate: bool,
+        dot: impl Fn(usize, usize) -> f64,
+        case: &str,
+    ) {
+        for i in 0..m {
+            for j in 0..ldc {
+                let got = c[i * ldc + j];
+                if j >= n {
+                    assert_eq!(got, c0[i * ldc + j], "{case}: padding of c written");
+                    continue;
+                }
+                let base = if accumulate {
+                    c0[i * ldc + j] as f64
+                } else {
+                    0.0
+                };
+                let want = base + dot(i, j);
+                let err = (got as f64 - want).abs();
+                assert!(
+                    err <= 1e-5 * (k as f64).sqrt(),
+                    "{case}: c[{i}, {j}] = {got}, want {want}"
+                );
+            }
+        }
+    }
+
     /// Full and partial row and column tiles, several `k` blocks with a tail, both layouts of
     /// `a` (row- and column-major, padded), adding or not, against an f64 reference; the
     /// padding of `c` past `n` stays untouched (the masked stores).
@@ -481,29 +513,14 @@ mod tests {
                         (b.as_ptr(), ldb),
                     )
                 };
-                for i in 0..m {
-                    for j in 0..ldc {
-                        let got = c[i * ldc + j];
-                        if j >= n {
-                            assert_eq!(got, c0[i * ldc + j], "padding of c written");
-                            continue;
-                        }
-                        let mut want = if accumulate {
-                            c0[i * ldc + j] as f64
-                        } else {
-                            0.0
-                        };
-                        for p in 0..k {
-                            want += a[i * a_rs + p * a_cs] as f64 * b[p * ldb + j] as f64;
-                        }
-                        let err = (got as f64 - want).abs();
-                        assert!(
-                            err <= 1e-5 * (k as f64).sqrt(),
-                            "({m}, {n}, {k}) accumulate {accumulate} col-major a \
-                             {a_col_major}: c[{i}, {j}] = {got}, want {want}"
-                        );
-                    }
-                }
+                let dot = |i: usize, j: usize| {
+                    (0..k)
+                        .map(|p| a[i * a_rs + p * a_cs] as f64 * b[p * ldb + j] as f64)
+                        .sum::<f64>()
+                };
+                let case =
+                    format!("({m}, {n}, {k}) accumulate {accumulate} col-major a {a_col_major}");
+                check((&c, &c0), (m, n, k, ldc), accumulate, dot, &case);
             }
         }
     }
@@ -544,29 +561,13 @@ mod tests {
                         (b.as_ptr(), ldb),
                     )
                 };
-                for i in 0..m {
-                    for j in 0..ldc {
-                        let got = c[i * ldc + j];
-                        if j >= n {
-                            assert_eq!(got, c0[i * ldc + j], "padding of c written");
-                            continue;
-                        }
-                        let mut want = if accumulate {
-                            c0[i * ldc + j] as f64
-                        } else {
-                            0.0
-                        };
-                        for p in 0..k {
-                            want += a[i * lda + p] as f64 * b[j * ldb + p] as f64;
-                        }
-                        let err = (got as f64 - want).abs();
-                        assert!(
-                            err <= 1e-5 * (k as f64).sqrt(),
-                            "({m}, {n}, {k}) accumulate {accumulate}: c[{i}, {j}] = {got}, \
-                             want {want}"
-                        );
-                    }
-                }
+                let dot = |i: usize, j: usize| {
+                    (0..k)
+                        .map(|p| a[i * lda + p] as f64 * b[j * ldb + p] as f64)
+                        .sum::<f64>()
+                };
+                let case = format!("({m}, {n}, {k}) accumulate {accumulate}");
+                check((&c, &c0), (m, n, k, ldc), accumulate, dot, &case);
             }
         }
     }

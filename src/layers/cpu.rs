@@ -107,8 +107,8 @@ pub(crate) fn matmul(
 }
 
 /// [`matmul`] of a product with few rows (`m`) and a long row-major `rhs`, a linear layer's
-/// input gradient `g W`: on AVX2 CPUs, for 2 to [`narrow::WIDE_MAX_SIDE`] rows, each block is
-/// [`narrow::wide_gemm`], which reads `rhs` in place.
+/// input gradient `g W`: on AVX2 CPUs, for 2 to [`narrow::WIDE_MAX_SIDE`] rows and more than
+/// [`narrow::MAX_N`] columns, each block is [`narrow::wide_gemm`], which reads `rhs` in place.
 pub(crate) fn matmul_few_rows(
     dst: (&mut [f32], usize),
     accumulate: bool,

@@ -42,6 +42,8 @@ use rayon::prelude::*;
 
 use super::cpu::{apply, matmul, relu_grad, relu_grad_into, Split, WeightOp};
 
+mod winograd;
+
 /// The op's name in error messages.
 const OP: &str = "conv2d";
 
@@ -478,6 +480,14 @@ impl Geometry {
     }
 
     fn forward(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, relu: bool) -> Vec<f32> {
+        if winograd::applies(self) {
+            return winograd::forward(self, x, w, b, relu);
+        }
+        self.forward_im2col(x, w, b, relu)
+    }
+
+    /// [`Self::forward`] by im2col and gemm.
+    fn forward_im2col(&self, x: &[f32], w: &[f32], b: Option<&[f32]>, relu: bool) -> Vec<f32> {
         let out_image = self.out_image();
         let mut out = vec![0f32; self.n * out_image];
         let (per, threads) = self.split();
@@ -993,6 +1003,14 @@ mod tests {
             // over threads by columns.
             case([1, 3, 51, 51], 8, 11, 1, 4, 2),
             case([1, 32, 12, 12], 8, 3, 2, 1, 1),
+            // Winograd F(2x2, 3x3) (3x3, stride 1, >= 32 input and >= 16 output channels per
+            // group, on AVX2, with at least 48 tiles of 2x2 outputs per thread: these up to 2-8
+            // threads): a partial panel of output channels without padding; groups, and input
+            // gradients that take it too (by convolution: >= 128 channels per group in).
+            case([8, 64, 13, 13], 32, 3, 1, 1, 1),
+            case([4, 64, 14, 13], 40, 3, 1, 1, 0),
+            case([6, 256, 9, 9], 64, 3, 2, 1, 1),
+            case([8, 128, 6, 6], 32, 3, 1, 1, 2),
             // Wide images: im2col in several tiles of input channels.
             case([2, 32, 28, 28], 8, 3, 1, 1, 1),
             // Strided with few input channels: all channels in one tile, the columns in blocks
@@ -1280,6 +1298,59 @@ mod tests {
             assert!(rel_err(&dx_blocks, &dx_full) < 1e-6, "{:?}", c.x);
         }
         Ok(())
+    }
+
+    #[test]
+    fn winograd_matches_im2col() -> Result<()> {
+        if !narrow_available() {
+            return Ok(());
+        }
+        // AlexNet's conv4 shape at a small width and batch (runs of 245 tiles over the
+        // threads, several blocks each, the last panel partial), two-tower grouping, and
+        // padding 0 and 2 with odd maps.
+        let cases = [
+            ([5, 48, 13, 13], 32, 1, 1),
+            ([4, 64, 13, 13], 48, 2, 1),
+            ([2, 40, 11, 10], 24, 1, 0),
+            ([3, 32, 5, 6], 16, 1, 2),
+        ];
+        // A batch too small to give each thread a block goes to im2col, unless single-threaded.
+        let one = geometry_of([1, 384, 13, 13], 256)?;
+        assert_eq!(winograd::applies(&one), super::super::cpu::threads() == 1);
+        for (x, cout, groups, pad) in cases {
+            let c = Case {
+                x,
+                cout,
+                k: 3,
+                groups,
+                stride: 1,
+                pad,
+            };
+            let s = setup(&c)?;
+            let g = Geometry::new(&s.x, &s.w, Some(&s.b), &s.cfg)?;
+            let (xs, ws, bs) = (flat(&s.x)?, flat(&s.w)?, flat(&s.b)?);
+            for relu in [false, true] {
+                let got = winograd::forward(&g, &xs, &ws, Some(&bs), relu);
+                let want = g.forward_im2col(&xs, &ws, Some(&bs), relu);
+                let err = rel_err(&got, &want);
+                assert!(err < 1e-5, "{x:?} g{groups} p{pad} relu={relu}: {err:e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn geometry_of(x: [usize; 4], cout: usize) -> Result<Geometry> {
+        let x = Tensor::zeros(&x, DType::F32, &Device::Cpu)?;
+        let w = Tensor::zeros((cout, x.dim(1)?, 3, 3), DType::F32, &Device::Cpu)?;
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Geometry::new(&x, &w, None, &cfg)
+    }
+
+    fn narrow_available() -> bool {
+        super::super::narrow::available()
     }
 
     #[test]

@@ -31,7 +31,8 @@ machine other work only ever slows a run, and two single runs of the same binari
 up to 15% here; every round is in `--json`); the ratio is candle-zoo's over PyTorch's; "% sgemm" is the FLOP rate reached (images/s x FLOPs per image:
 2 x the multiply-adds of the convolutions and linear layers, counted from the shapes of the
 PyTorch modules below; a training step is counted as 3x the forward pass) as a share of the same
-side's measured sgemm rate.
+side's measured sgemm rate. These are a direct convolution's FLOPs: candle-zoo's Winograd layers
+(conv3-5) do about half of theirs, so its share can pass 100%.
 """
 
 import argparse

@@ -5,7 +5,8 @@
 //! elsewhere; [`max_pool2d`] is a CPU custom op with PyTorch's backward (candle's own pool has no
 //! backward for overlapping windows) and a composition of candle ops elsewhere; [`conv2d`] (with
 //! its bias and ReLU fused) is a CPU custom op with an im2col + gemm forward and backward
-//! (candle's CPU conv backward is a slow direct loop) and candle's own conv elsewhere;
+//! (candle's CPU conv backward is a slow direct loop), Winograd's F(2x2, 3x3) for 3x3 stride-1
+//! layers on AVX2, and candle's own conv elsewhere;
 //! [`linear`] (bias and ReLU fused) is a CPU custom op whose gemms are laid out for a narrow
 //! batch (on AVX2 CPUs its forward and its input gradient read the weight in place, without the
 //! gemm crate's copy of it), and candle's matmul elsewhere.

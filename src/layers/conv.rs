@@ -1007,9 +1007,10 @@ mod tests {
             case([1, 3, 51, 51], 8, 11, 1, 4, 2),
             case([1, 32, 12, 12], 8, 3, 2, 1, 1),
             // Winograd F(2x2, 3x3) (3x3, stride 1, >= 32 input and >= 16 output channels per
-            // group, on AVX2, with at least 48 tiles of 2x2 outputs per thread: these up to 2-8
-            // threads): a partial panel of output channels without padding; groups, and input
-            // gradients that take it too (by convolution: >= 128 channels per group in).
+            // group, on AVX2, with at least 48 tiles of 2x2 outputs per thread: all four on 2
+            // threads, the first on up to 8): a partial panel of output channels without
+            // padding; groups, and input gradients that take it too (by convolution: >= 128
+            // channels per group in).
             case([8, 64, 13, 13], 32, 3, 1, 1, 1),
             case([4, 64, 14, 13], 40, 3, 1, 1, 0),
             case([6, 256, 9, 9], 64, 3, 2, 1, 1),

@@ -164,7 +164,8 @@ pub(super) fn forward(
     let per_run = total.div_ceil(runs);
     let blocks_per_run = per_run.div_ceil(BLOCK_TILES);
     let block = per_run.div_ceil(blocks_per_run).next_multiple_of(TR);
-    let scratch = Scratch::len(g, block) + padded_len(g, block);
+    // Per thread: `V`, `M`, then the padded images.
+    let scratch = v_len(g, block) + m_len(g, block) + padded_len(g, block);
     let dst = OutPtr(out.as_mut_ptr(), out.len());
     (0..runs).into_par_iter().for_each(|r| {
         let run = r * per_run..((r + 1) * per_run).min(total);
@@ -172,8 +173,8 @@ pub(super) fn forward(
             let mut ready = None;
             for start in run.clone().step_by(block) {
                 let tiles = start..(start + block).min(run.end);
-                let (v, rest) = buf.split_at_mut(Scratch::v_len(g, block));
-                let (m, padded) = rest.split_at_mut(Scratch::m_len(g, block));
+                let (v, rest) = buf.split_at_mut(v_len(g, block));
+                let (m, padded) = rest.split_at_mut(m_len(g, block));
                 transform_input(g, x, tiles.clone(), v, padded, &mut ready);
                 multiply(g, &u[..u_len(g)], v, m, tiles.len().div_ceil(TR));
                 // SAFETY: runs and their blocks are disjoint ranges of tiles, and each output
@@ -187,23 +188,14 @@ pub(super) fn forward(
     out
 }
 
-/// Sizes of a block's scratch: `V`, then `M`.
-struct Scratch;
+/// Floats of `V` for blocks of `block` tiles: `[ξ][panel][cin][TR]`.
+fn v_len(g: &Geometry, block: usize) -> usize {
+    16 * v_stride(g, block.div_ceil(TR))
+}
 
-impl Scratch {
-    /// Floats of `V` for blocks of `block` tiles: `[ξ][panel][cin][TR]`.
-    fn v_len(g: &Geometry, block: usize) -> usize {
-        16 * v_stride(g, block.div_ceil(TR))
-    }
-
-    /// Floats of `M` for blocks of `block` tiles: `[ξ][tile][ldm]`.
-    fn m_len(g: &Geometry, block: usize) -> usize {
-        16 * m_stride(g, block.div_ceil(TR))
-    }
-
-    fn len(g: &Geometry, block: usize) -> usize {
-        Self::v_len(g, block) + Self::m_len(g, block)
-    }
+/// Floats of `M` for blocks of `block` tiles: `[ξ][tile][ldm]`.
+fn m_len(g: &Geometry, block: usize) -> usize {
+    16 * m_stride(g, block.div_ceil(TR))
 }
 
 /// Floats between the 16 matrices of `V` or `M` past their length: the transforms access all
@@ -233,7 +225,6 @@ fn ldm(g: &Geometry) -> usize {
 /// outside the image; lanes past the last tile are zero. `padded` holds slots of zero-padded
 /// images ([`padded_len`]), `ready` the last image padded into them by the previous block of
 /// the same run (`None` at the start of a run).
-#[inline(never)]
 fn transform_input(
     g: &Geometry,
     x: &[f32],
@@ -329,7 +320,6 @@ fn padded_len(g: &Geometry, block: usize) -> usize {
 
 /// One image's planes `x` into `padded` (`cin` planes of `2 th + 2` rows of `2 tw + 2`), the
 /// image at row and column `pad`, zero around it: every tile's window is then inside.
-#[inline(never)]
 fn pad_image(g: &Geometry, x: &[f32], padded: &mut [f32]) {
     let (th, tw) = tile_grid(g);
     let (ph, pw) = (2 * th + 2, 2 * tw + 2);
@@ -449,7 +439,6 @@ unsafe impl Sync for OutPtr {}
 ///
 /// # Safety
 /// No other thread may access the outputs of these tiles during the call.
-#[inline(never)]
 unsafe fn transform_output(
     g: &Geometry,
     m: &[f32],

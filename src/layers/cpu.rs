@@ -143,7 +143,7 @@ fn matmul_with(
         k * n == 0 || last(k, n, rhs_rs, rhs_cs) < rhs.len(),
         "gemm: rhs"
     );
-    let dst = DstPtr(dst.as_mut_ptr());
+    let dst = DstPtr::new(dst);
     // A narrow product whose operands both run along `k` (a linear layer's `W x^T`).
     let narrow = n <= narrow::MAX_N && lhs_cs == 1 && rhs_rs == 1 && narrow::available();
     let wide = few_rows
@@ -229,19 +229,27 @@ fn matmul_with(
     });
 }
 
-/// The destination of a split gemm, shared by the threads that write its blocks.
+/// A destination shared by threads that each write their own disjoint part of it: a split
+/// gemm's blocks, the Winograd conv's tiles.
 #[derive(Clone, Copy)]
-struct DstPtr(*mut f32);
+pub(crate) struct DstPtr(*mut f32);
 
 impl DstPtr {
+    /// The shared destination `dst`, borrowed mutably by the caller for as long as the pointer
+    /// is used.
+    pub(crate) fn new(dst: &mut [f32]) -> Self {
+        Self(dst.as_mut_ptr())
+    }
+
     /// The pointer (a method, so that closures capture the whole `Sync` wrapper).
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-// SAFETY: `matmul` hands each thread a disjoint block of the destination to write through the
-// pointer, and the slice it points into is borrowed mutably for the whole call.
+// SAFETY: its users (`matmul`, the Winograd conv) hand each thread a disjoint part of the
+// destination to write through the pointer, and the slice it points into is borrowed mutably
+// for the whole call.
 unsafe impl Sync for DstPtr {}
 unsafe impl Send for DstPtr {}
 

@@ -32,7 +32,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{with_scratch, Geometry};
-use crate::layers::{cpu, narrow};
+use crate::layers::cpu::{self, DstPtr};
+use crate::layers::narrow;
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -166,7 +167,8 @@ pub(super) fn forward(
     let block = per_run.div_ceil(blocks_per_run).next_multiple_of(TR);
     // Per thread: `V`, `M`, then the padded images.
     let scratch = v_len(g, block) + m_len(g, block) + padded_len(g, block);
-    let dst = OutPtr(out.as_mut_ptr(), out.len());
+    let out_len = out.len();
+    let dst = DstPtr::new(&mut out);
     (0..runs).into_par_iter().for_each(|r| {
         let run = r * per_run..((r + 1) * per_run).min(total);
         with_scratch(scratch, |buf| {
@@ -180,7 +182,7 @@ pub(super) fn forward(
                 // SAFETY: runs and their blocks are disjoint ranges of tiles, and each output
                 // element belongs to exactly one tile, so no two calls write the same element;
                 // `out` outlives the parallel loop and nothing else reads it meanwhile.
-                unsafe { transform_output(g, m, tiles, b, relu, dst) };
+                unsafe { transform_output(g, m, tiles, b, relu, (dst, out_len)) };
             }
         })
     });
@@ -425,27 +427,20 @@ unsafe fn kernel(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize) 
     unreachable!("winograd: the micro-kernel needs x86-64 with AVX2")
 }
 
-/// The batch's output, written by several threads at once (each its own tiles).
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32, usize);
-
-// SAFETY: `forward` hands each thread disjoint tiles, whose outputs are disjoint elements.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// `Y = A^T M A` of the block's tiles `tiles` (`M[ξ][tile][ldm]`), plus the bias, through the
 /// ReLU when `relu`, into the batch's output `out` (NCHW), cutting the last row and column of
-/// tiles at the edge; 8 output channels at a time.
+/// tiles at the edge; 8 output channels at a time. `out` is the output's pointer and length.
 ///
 /// # Safety
-/// No other thread may access the outputs of these tiles during the call.
+/// `out` must point to the whole output, and no other thread may access the outputs of these
+/// tiles during the call.
 unsafe fn transform_output(
     g: &Geometry,
     m: &[f32],
     tiles: Range<usize>,
     b: Option<&[f32]>,
     relu: bool,
-    out: OutPtr,
+    (out, out_len): (DstPtr, usize),
 ) {
     let (th, tw) = tile_grid(g);
     let per_image = th * tw;
@@ -453,7 +448,7 @@ unsafe fn transform_output(
     let m_xi = m_stride(g, tiles.len().div_ceil(TR));
     let (oh, ow) = (g.oh, g.ow);
     assert!(
-        out.1 == g.n * g.out_image() && tiles.end <= g.n * per_image,
+        out_len == g.n * g.out_image() && tiles.end <= g.n * per_image,
         "winograd: out"
     );
     assert!(m.len() >= 16 * m_xi, "winograd: M");
@@ -473,7 +468,7 @@ unsafe fn transform_output(
                     let base = ((img * g.cout + ch) * oh + oy) * ow + ox;
                     // SAFETY: (oy, ox) and its right and lower neighbours (where inside the
                     // map) are outputs of this tile, in bounds by the assert above.
-                    let o = out.0;
+                    let o = out.get();
                     *o.add(base) = act(y[0]);
                     if right {
                         *o.add(base + 1) = act(y[1]);

@@ -9,7 +9,7 @@
 mod workloads;
 
 use candle_core::Device;
-use candle_zoo::alexnet::Layer;
+use candle_zoo::models::alexnet::Tap;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use workloads::{Inference, Sgemm, INFER_BATCHES, LAYOUTS, SGEMM_N};
 
@@ -32,7 +32,7 @@ fn inference(c: &mut Criterion) {
         group.throughput(Throughput::Elements(16));
         group.bench_function(
             BenchmarkId::new(format!("{}-fc7", layout.name()), 16),
-            |b| b.iter(|| w.model.extract(&w.x, Layer::Fc7).expect("extract")),
+            |b| b.iter(|| w.model.extract(&w.x, Tap::Fc7).expect("extract")),
         );
     }
     group.finish();

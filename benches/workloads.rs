@@ -13,7 +13,7 @@
 //! - [`Inference`]: eval-mode logits of a batch. The model is rebuilt on detached copies of the
 //!   fresh variables, as a loaded checkpoint is (plain tensors): candle records the graph of ops
 //!   on variables, which inference does not need and which would keep every activation alive.
-//! - [`TrainStep`]: one step as `candle_zoo::train` does it: `forward_train` (seeded dropout),
+//! - [`TrainStep`]: one step as `candle_zoo::train` does it: `train_view` (seeded dropout),
 //!   cross-entropy, backward and the crate's `Sgd` (momentum 0.9, weight decay 5e-4 on every
 //!   parameter, `ParamPolicy::default()`).
 //! - [`Sgemm`]: one `n x n` by `n x n` f32 matmul through candle (the `gemm` crate on the CPU),
@@ -23,15 +23,15 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{Module, VarBuilder, VarMap};
-use candle_zoo::alexnet::{AlexNet, Config, Layout};
-use candle_zoo::optim::{Sgd, SgdConfig};
+use candle_nn::{Module, ModuleT, VarBuilder, VarMap};
+use candle_zoo::models::alexnet::{AlexNet, Config, Layout};
 use candle_zoo::rng::Rng;
+use candle_zoo::train::optim::{Sgd, SgdConfig};
 use candle_zoo::train::{param_groups, ParamPolicy};
 use candle_zoo::Result;
 
 /// The two layouts of the issue with their canonical input side (224 and 227).
-pub const LAYOUTS: [Layout; 2] = [Layout::TorchVision, Layout::AlexNet];
+pub const LAYOUTS: [Layout; 2] = [Layout::TorchVision, Layout::BvlcAlexNet];
 
 /// Inference batch sizes of the issue.
 pub const INFER_BATCHES: [usize; 3] = [1, 16, 64];
@@ -147,7 +147,11 @@ impl TrainStep {
 
     /// Forward with dropout, cross-entropy, backward, SGD update.
     pub fn step(&mut self) -> Result<()> {
-        let logits = self.model.forward_train(&self.x, &mut self.rng, None)?;
+        let logits = self
+            .model
+            .train_view()
+            .with_rng(&mut self.rng)
+            .forward_t(&self.x, true)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &self.y)?;
         self.sgd.backward_step(&loss)
     }

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_zoo::{cli::ModelArgs, device, imagenet};
+use candle_zoo::{cli::ModelArgs, data::imagenet, device};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -44,7 +44,7 @@ fn main() -> Result<()> {
     let loaded = args
         .model
         .load(&device)
-        .with_context(|| format!("loading model `{}`", args.model.source()))?;
+        .with_context(|| args.model.context())?;
     let classes = imagenet::classes();
     if loaded.model.num_classes() != classes.len() {
         eprintln!(
@@ -58,7 +58,7 @@ fn main() -> Result<()> {
             "model {} ({} layout, {} preprocessing) on {}",
             args.model.source(),
             loaded.model.layout(),
-            loaded.preset,
+            loaded.preprocess.preset(),
             device::describe(&device)
         );
     }

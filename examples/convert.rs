@@ -7,21 +7,25 @@
 //!     --mean ilsvrc_2012_mean.binaryproto --out bvlc_caffenet.safetensors
 //! cargo run --release --example convert -- bvlcalexnet-12.onnx --out bvlcalexnet.safetensors
 //! cargo run --release --example convert -- my_caffenet_port.pth --layout caffenet --out x.safetensors
+//! cargo run --release --example convert -- bvlc_alexnet.caffemodel --install   # for --model bvlc-alexnet
 //! ```
-//! See `weights/README.md` for the original downloads and the checksums to expect.
+//! See `weights/README.md` for the original downloads and the checksums to expect. `--install`
+//! checks the input against the registry's published checksums and writes the result where
+//! `AlexNetWeights::load` (and `classify --model NAME`) find it.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::Module;
-use candle_zoo::convert::{
+use candle_zoo::data::preprocess::{Preset, Resize};
+use candle_zoo::device::{self, DeviceChoice};
+use candle_zoo::models::alexnet::Layout;
+use candle_zoo::weights::checksum::sha256_file;
+use candle_zoo::weights::convert::{
     convert, read_mean_binaryproto, read_mean_image, ConvertOptions, SourceFormat,
 };
-use candle_zoo::device::{self, DeviceChoice};
-use candle_zoo::hub::sha256_file;
-use candle_zoo::preprocess::{Preset, Resize};
-use candle_zoo::Layout;
+use candle_zoo::weights::{metadata, AlexNetWeights};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -32,15 +36,20 @@ struct Args {
     input: PathBuf,
 
     /// Where to write the safetensors file.
-    #[arg(long, value_name = "PATH")]
-    out: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "install")]
+    out: Option<PathBuf>,
+
+    /// Install a published original for the registry (`--model bvlc-alexnet`, ...) instead of
+    /// writing --out: it must have the registry's checksum.
+    #[arg(long, conflicts_with = "out")]
+    install: bool,
 
     /// The input's format, where its name does not tell: caffe, onnx or torch.
     #[arg(long, value_name = "FORMAT")]
     from: Option<SourceFormat>,
 
-    /// The layout: alexnet or caffenet for two-tower PyTorch weights (Caffe and ONNX files say
-    /// it themselves; a different value is an error).
+    /// The layout: bvlc-alexnet or caffenet for two-tower PyTorch weights (Caffe and ONNX files
+    /// say it themselves; a different value is an error).
     #[arg(long)]
     layout: Option<Layout>,
 
@@ -72,13 +81,18 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.out.exists() && !args.force {
-        bail!("{} exists; pass --force to replace it", args.out.display());
+    if let Some(out) = args.out.as_ref().filter(|out| out.exists() && !args.force) {
+        bail!("{} exists; pass --force to replace it", out.display());
     }
     let mean = args.mean.as_ref().map(read_mean_binaryproto).transpose()?;
     let mean_image = args.mean_image.as_ref().map(read_mean_image).transpose()?;
+    let format = match args.from {
+        Some(format) => format,
+        None => SourceFormat::detect(&args.input)
+            .context("name its format with --from caffe|onnx|torch")?,
+    };
     let options = ConvertOptions {
-        format: args.from,
+        format: Some(format),
         layout: args.layout,
         preprocess: args.preprocess,
         mean,
@@ -92,8 +106,8 @@ fn main() -> Result<()> {
     println!(
         "read   {} ({}, sha256 {})",
         args.input.display(),
-        meta["source_format"],
-        meta["source_sha256"]
+        meta[metadata::SOURCE_FORMAT],
+        meta[metadata::SOURCE_SHA256]
     );
     println!(
         "layout {}: conv {}, fc {}, {} classes",
@@ -113,7 +127,7 @@ fn main() -> Result<()> {
     };
     println!(
         "input  {} preset: {resize}, crop {}, {}, {mean}, std {:?}",
-        meta["preprocess"],
+        meta[metadata::PREPROCESS],
         p.crop,
         if p.bgr { "BGR" } else { "RGB" },
         p.std
@@ -135,13 +149,25 @@ fn main() -> Result<()> {
     }
     println!("check  forward pass on {}: ok", device::describe(&device));
 
-    converted
-        .save(&args.out)
-        .with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
-        "wrote  {} (sha256 {})",
-        args.out.display(),
-        sha256_file(&args.out)?
-    );
+    let out = match &args.out {
+        Some(out) => {
+            converted
+                .save(out)
+                .with_context(|| format!("writing {}", out.display()))?;
+            out.clone()
+        }
+        None => {
+            let Some(weights) = AlexNetWeights::of_converted(&converted) else {
+                bail!(
+                    "{} is none of the registry's originals (sha1 {}); write it with --out \
+                     instead",
+                    args.input.display(),
+                    meta[metadata::SOURCE_SHA1]
+                );
+            };
+            weights.install(&converted)?
+        }
+    };
+    println!("wrote  {} (sha256 {})", out.display(), sha256_file(&out)?);
     Ok(())
 }

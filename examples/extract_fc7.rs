@@ -10,15 +10,17 @@
 //! `csv` lists each image's row, or why it failed. Images that fail are skipped, reported, and
 //! make the exit code 1.
 
-use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_zoo::cli::{ModelArgs, Progress};
+use candle_zoo::data::features::{
+    extract_to, run_metadata, work_dir, FeatureFormat, FeatureWriter,
+};
 use candle_zoo::data::{collect_images, BatchLoader};
-use candle_zoo::features::{extract_to, work_dir, FeatureFormat, FeatureWriter};
-use candle_zoo::{device, Layer};
+use candle_zoo::device;
+use candle_zoo::models::alexnet::Tap;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -36,12 +38,12 @@ struct Args {
     #[command(flatten)]
     model: ModelArgs,
 
-    /// The tap: conv1..conv5, pool5, fc6, fc7, logits (conv and pool taps are flattened).
+    /// The tap: conv1..conv5, pool5, fc6, fc7, fc8 (or logits); conv and pool taps are flattened.
     #[arg(long, default_value = "fc7")]
-    layer: Layer,
+    layer: Tap,
 
     /// Images per forward pass.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = candle_zoo::cli::parse_batch_size)]
     batch_size: usize,
 
     /// Output format (default: from --out's extension, else safetensors).
@@ -65,9 +67,6 @@ fn main() -> Result<()> {
     // Many same-sized steps: reuse freed memory rather than fault it back in each time.
     candle_zoo::memory::retain_freed_memory();
     let args = Args::parse();
-    if args.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let format =
         args.format
             .unwrap_or_else(|| match args.out.extension().and_then(|e| e.to_str()) {
@@ -87,30 +86,21 @@ fn main() -> Result<()> {
     let loaded = args
         .model
         .load(&device)
-        .with_context(|| format!("loading model `{}`", args.model.source()))?;
-    let p = &loaded.preprocess;
-    let metadata = BTreeMap::from([
-        ("model".to_string(), args.model.source()),
-        ("layout".to_string(), loaded.model.layout().to_string()),
-        ("layer".to_string(), args.layer.to_string()),
-        (
-            "preprocess".to_string(),
+        .with_context(|| args.model.context())?;
+    let metadata = run_metadata(
+        &args.model.source(),
+        loaded.model.layout(),
+        args.layer,
+        &loaded.preprocess,
+        concat!("candle-zoo ", env!("CARGO_PKG_VERSION"), " extract-fc7"),
+    );
+    let mut writer = FeatureWriter::create(&args.out, format, &paths, metadata, args.resume)
+        .with_context(|| {
             format!(
-                "{} (resize {:?}, crop {}, {}, mean {:?}, std {:?})",
-                loaded.preset,
-                p.resize,
-                p.crop,
-                if p.bgr { "BGR" } else { "RGB" },
-                p.mean,
-                p.std
-            ),
-        ),
-        (
-            "producer".to_string(),
-            concat!("candle-zoo ", env!("CARGO_PKG_VERSION"), " extract-fc7").to_string(),
-        ),
-    ]);
-    let mut writer = FeatureWriter::create(&args.out, format, &paths, metadata, args.resume)?;
+                "{} (--resume continues an interrupted run)",
+                args.out.display()
+            )
+        })?;
     let total = paths.len();
     let skip = writer.done();
     let workers = args
@@ -139,7 +129,7 @@ fn main() -> Result<()> {
         args.batch_size,
         workers,
         skip,
-    );
+    )?;
     extract_to(
         &loaded.model,
         args.layer,

@@ -11,8 +11,8 @@
 
 use anyhow::{Context, Result};
 use candle_zoo::cli::{run_training, ModelArgs, TrainArgs};
+use candle_zoo::models::alexnet::Tap;
 use candle_zoo::train::{ParamPolicy, Trainer, CONFUSION_CSV};
-use candle_zoo::Layer;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -27,7 +27,7 @@ struct Args {
     /// Freeze the layers up to and including this one (conv1..conv5, pool5, fc6, fc7).
     /// Without it every layer trains.
     #[arg(long, value_name = "LAYER")]
-    freeze_through: Option<Layer>,
+    freeze_through: Option<Tap>,
 
     /// Learning-rate multiplier of the new head (Caffe's fine-tuning example uses 10).
     #[arg(long, default_value_t = 10.0)]
@@ -52,12 +52,13 @@ fn main() -> Result<()> {
             .clone()
             .with_classes(train.classes().len())
             .with_dropout(args.dropout);
-        let head = format!("{}.", model.layout.key_prefixes()[7]);
+        // Everything but the head, which the new classes replace.
         let weights: Vec<_> = loaded
             .model
-            .named_tensors()
-            .into_iter()
-            .filter(|(key, _)| !key.starts_with(&head))
+            .layers()
+            .iter()
+            .filter(|layer| !layer.is_head())
+            .flat_map(|layer| layer.tensors())
             .collect();
         let policy = ParamPolicy {
             head_lr_mult: args.head_lr_mult,

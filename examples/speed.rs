@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
-use candle_zoo::alexnet::Layout;
+use candle_zoo::models::alexnet::Layout;
 use clap::{Parser, ValueEnum};
 use workloads::{Inference, Sgemm, TrainStep};
 

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example train -- --data DATA --out runs/a
-//! cargo run --release --example train -- --data DATA --out runs/a --layout alexnet --caffe-biases
+//! cargo run --release --example train -- --data DATA --out runs/a --layout bvlc-alexnet --caffe-biases
 //! cargo run --release --example train -- --data DATA --out runs/small \
 //!     --channels 16,32,48,32,32 --hidden 256 --input-size 64 --epochs 20
 //! cargo run --release --example train -- --data DATA --out runs/a --resume   # after a kill
@@ -15,10 +15,10 @@
 
 use anyhow::{Context, Result};
 use candle_zoo::cli::{run_training, TrainArgs};
+use candle_zoo::data::preprocess::Preprocess;
 use candle_zoo::device::DeviceChoice;
-use candle_zoo::preprocess::Preprocess;
-use candle_zoo::train::{pipeline_for_size, ParamPolicy, Trainer};
-use candle_zoo::{Config, Layout};
+use candle_zoo::models::alexnet::{Config, Layout};
+use candle_zoo::train::{ParamPolicy, Trainer};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -27,7 +27,7 @@ struct Args {
     #[command(flatten)]
     train: TrainArgs,
 
-    /// torchvision (one tower), alexnet (two towers, LRN before pooling) or caffenet.
+    /// torchvision (one tower), bvlc-alexnet (two towers, LRN before pooling) or caffenet.
     #[arg(long, default_value = "torchvision")]
     layout: Layout,
 
@@ -73,9 +73,10 @@ fn main() -> Result<()> {
         if let Some(h) = args.hidden {
             model.hidden = h;
         }
+        let preprocess = Preprocess::for_layout(args.layout);
         let preprocess = match args.input_size {
-            Some(side) => pipeline_for_size(args.layout, side),
-            None => Preprocess::for_layout(args.layout),
+            Some(side) => preprocess.scaled_to(side),
+            None => preprocess,
         };
         let settings = args.train.config(90, 0.01, ParamPolicy::default());
         Trainer::new(

@@ -45,9 +45,11 @@ impl FromStr for DeviceChoice {
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(ordinal)),
             "metal" => Ok(Self::Metal(ordinal)),
-            _ => Err(Error::Invalid(format!(
-                "unknown device `{s}`; expected auto, cpu, cuda[:N] or metal[:N]"
-            ))),
+            _ => Err(Error::parse(
+                "device",
+                s,
+                "auto, cpu, cuda[:N] or metal[:N]",
+            )),
         }
     }
 }
@@ -58,8 +60,8 @@ impl DeviceChoice {
         let open = |name: &str, feature: &str, r: candle_core::Result<Device>| {
             r.map_err(|e| {
                 Error::Invalid(format!(
-                    "cannot open device {name}: {e} (this binary needs `--features {feature}` \
-                     and a working {feature} driver; `--device cpu` always works)"
+                    "cannot open device {name}: {e} (this needs a build with the `{feature}` \
+                     feature and a working {feature} driver; the CPU always works)"
                 ))
             })
         };

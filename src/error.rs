@@ -1,9 +1,13 @@
 //! The crate's error type: every variant names the file, key, shape or setting at fault.
+//!
+//! Library errors speak of files, keys, shapes and settings, never of command-line flags: the
+//! examples (and [`crate::cli`]) add what their own flags are called.
 
 use std::path::PathBuf;
 
-/// Errors returned by `candle_zoo`.
+/// Errors returned by `candle_zoo`. New variants may be added in minor releases.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A checkpoint lacks a tensor the model needs.
     #[error("missing key `{key}` in the checkpoint{}", hint_suffix(hint))]
@@ -28,7 +32,17 @@ pub enum Error {
     #[error("invalid AlexNet config: {0}")]
     Config(String),
 
-    /// A setting, name or argument that is not valid (device, layer, preset, registry entry).
+    /// A name that is not one of the values it can take (a layout, tap, preset, device, format
+    /// or registry entry).
+    #[error("unknown {what} `{input}`; expected {expected}")]
+    Parse {
+        /// What was being parsed, e.g. `"layout"`.
+        what: &'static str,
+        input: String,
+        expected: String,
+    },
+
+    /// A setting or argument outside what it can be (a batch size of 0, a negative rate).
     #[error("{0}")]
     Invalid(String),
 
@@ -70,21 +84,37 @@ pub enum Error {
         cache: PathBuf,
     },
 
-    /// A downloaded or local file does not have the expected SHA-256.
+    /// Registry weights with no hub copy whose converted original is not installed yet.
     #[error(
-        "{}: checksum mismatch: expected sha256 {expected}, got {actual}; the file is corrupt or \
-         not the one the registry names (delete it to download it again)",
+        "`{name}` has no copy on the hub and is not installed at {}: download the original \
+         ({original}, {checksum}) and install it (`AlexNetWeights::install`, as the `convert` \
+         example does)",
+        path.display()
+    )]
+    NotInstalled {
+        name: String,
+        path: PathBuf,
+        original: String,
+        checksum: String,
+    },
+
+    /// An output's work folder holds an interrupted run, which a new run will not overwrite.
+    #[error("{}: holds an interrupted run; resume it, or delete the folder to start again", work.display())]
+    Interrupted { work: PathBuf },
+
+    /// A downloaded or local file does not have the expected checksum.
+    #[error(
+        "{}: checksum mismatch: expected {algorithm} {expected}, got {actual}; the file is \
+         corrupt or not the one the registry names",
         path.display()
     )]
     Checksum {
         path: PathBuf,
+        /// `sha256` or `sha1`.
+        algorithm: &'static str,
         expected: String,
         actual: String,
     },
-
-    /// A registry name that is not known.
-    #[error("unknown pretrained model `{name}`; known: {known}")]
-    UnknownModel { name: String, known: String },
 
     /// An I/O error on a named file.
     #[error("{}: {source}", path.display())]
@@ -104,7 +134,7 @@ pub enum Error {
 #[error(
     "could not fetch `{file}` from hub repo `{repo}` (revision `{revision}`) at {endpoint}: {reason}\n\
      hint: a machine without network can use a warm cache (set HF_HUB_OFFLINE=1, HF_HOME or \
-     HF_HUB_CACHE), point HF_ENDPOINT at a mirror, or pass a local file with --weights"
+     HF_HUB_CACHE), point HF_ENDPOINT at a mirror, or load a local copy of the file"
 )]
 pub struct HubError {
     pub repo: String,
@@ -134,6 +164,14 @@ impl Error {
         Self::Checkpoint {
             path: path.into(),
             reason: reason.to_string(),
+        }
+    }
+
+    pub(crate) fn parse(what: &'static str, input: &str, expected: impl Into<String>) -> Self {
+        Self::Parse {
+            what,
+            input: input.to_string(),
+            expected: expected.into(),
         }
     }
 }

@@ -1,60 +1,113 @@
 //! Pretrained vision models on [candle](https://github.com/huggingface/candle), starting with
 //! AlexNet in both of its published layouts.
 //!
-//! - [`alexnet`]: the model ([`AlexNet`]), its [`Config`] and [`Layout`]s, and the [`Layer`]
-//!   taps for intermediate features;
-//! - [`layers`]: LRN, adaptive average pooling and a trainable overlapping max-pool, which
-//!   candle lacks;
-//! - [`weights`]: local checkpoints (safetensors, PyTorch `.pth`) and the registry of known
-//!   pretrained files; [`hub`]: downloads from the Hugging Face hub;
-//! - [`convert`]: Caffe `.caffemodel`, ONNX and PyTorch AlexNet weights to safetensors;
-//! - [`data`]: finding images and decoding them on worker threads; [`features`]: feature
-//!   matrices for many images, resumable and written atomically;
-//! - [`preprocess`]: image loading and the torchvision and Caffe input pipelines;
-//! - training: [`dataset`] (labelled image folders, a loader on worker threads), [`augment`]
-//!   (the paper's crops, mirrors and PCA lighting), [`rng`] (the seeded RNG every random draw
-//!   comes from), [`optim`] (SGD with momentum, weight decay, parameter groups and schedules),
-//!   [`train`] (the loop, resumable checkpoints, metrics) and [`plot`] (training curves);
-//! - [`cli`] (feature `cli`, on by default): the flags the examples share;
-//! - [`imagenet`]: the 1000 ImageNet class names; [`device`]: device selection; [`io`]: atomic
-//!   file writes; [`memory`]: keeping freed memory for the next step.
+//! The folders show the architecture:
+//!
+//! | module | what |
+//! |---|---|
+//! | [`models`] | the models, one folder each: [`models::alexnet`] ([`AlexNet`], its `Config`, `Layout` and `Tap`s) |
+//! | [`layers`] | the layers candle lacks (LRN, adaptive average pool, a trainable overlapping max-pool) and the CPU conv and linear ops, with their kernels |
+//! | [`weights`] | checkpoints, the registry of published weights ([`weights::AlexNetWeights`]), the hub, and the Caffe/ONNX/PyTorch converters |
+//! | [`data`] | image inputs, preprocessing, augmentation, labelled datasets and feature files |
+//! | [`train`] | the training loop, its checkpoints, evaluation, reports, the optimizer and its schedules, plots |
+//! | `cli` | (feature `cli`) the flags the examples share |
+//! | [`device`], [`io`], [`memory`], [`rng`] | device choice, atomic writes, keeping freed memory, the seeded RNG |
 //!
 //! ```no_run
 //! use candle_core::Device;
 //! use candle_nn::Module;
-//! use candle_zoo::{imagenet, weights::Pretrained};
+//! use candle_zoo::data::imagenet;
+//! use candle_zoo::weights::AlexNetWeights;
 //!
 //! let device = Device::Cpu;
-//! let (model, preprocess) = Pretrained::default().load(&device)?;
+//! let (model, preprocess) = AlexNetWeights::default().load(&device)?;
 //! let image = preprocess.load_batch(&["assets/chelsea.png"], &device)?;
-//! let probs = candle_nn::ops::softmax(&model.forward(&image)?, 1)?;
-//! for (class, p) in imagenet::top_k(&probs.get(0)?, 5)? {
-//!     println!("{p:.3} {}", imagenet::classes()[class]);
+//! for (class, p) in &model.top_k(&image, 5)?[0] {
+//!     println!("{p:.3} {}", imagenet::classes()[*class]);
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! # Features
+//!
+//! | feature | effect |
+//! |---|---|
+//! | `pretrained` | `weights::hub`: downloads from the Hugging Face hub (pulls in `hf-hub`, its HTTP client and progress bar) |
+//! | `cli` | `cli`: the examples' shared flags and progress display (pulls in clap and indicatif) |
+//! | `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` | candle's backends |
 
-pub mod alexnet;
-pub mod augment;
 #[cfg(feature = "cli")]
 pub mod cli;
-pub mod convert;
 pub mod data;
-pub mod dataset;
 pub mod device;
 mod error;
-pub mod features;
-pub mod hub;
-pub mod imagenet;
 pub mod io;
 pub mod layers;
 pub mod memory;
-pub mod optim;
-pub mod plot;
-pub mod preprocess;
+pub mod models;
 pub mod rng;
 pub mod train;
 pub mod weights;
 
-pub use alexnet::{AlexNet, Config, Layer, Layout};
 pub use error::{Error, HubError, Result};
+pub use models::alexnet;
+pub use models::AlexNet;
+
+// Names from before 0.2, kept for one release.
+
+/// The AlexNet config's old place.
+#[deprecated(since = "0.2.0", note = "use `candle_zoo::models::alexnet::Config`")]
+pub type Config = models::alexnet::Config;
+/// The taps' old name and place.
+#[deprecated(since = "0.2.0", note = "use `candle_zoo::models::alexnet::Tap`")]
+pub type Layer = models::alexnet::Tap;
+/// The layouts' old place.
+#[deprecated(since = "0.2.0", note = "use `candle_zoo::models::alexnet::Layout`")]
+pub type Layout = models::alexnet::Layout;
+
+/// Old module path.
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::data::augment`")]
+pub mod augment {
+    pub use crate::data::augment::*;
+}
+/// Old module path.
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::weights::convert`")]
+pub mod convert {
+    pub use crate::weights::convert::*;
+}
+/// Old module path.
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::data::dataset`")]
+pub mod dataset {
+    pub use crate::data::dataset::*;
+}
+/// Old module path.
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::data::features`")]
+pub mod features {
+    pub use crate::data::features::*;
+}
+/// Old module path.
+#[cfg(feature = "pretrained")]
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::weights::hub`")]
+pub mod hub {
+    pub use crate::weights::hub::*;
+}
+/// Old module path.
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::data::imagenet`")]
+pub mod imagenet {
+    pub use crate::data::imagenet::*;
+}
+/// Old module path.
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::train::optim`")]
+pub mod optim {
+    pub use crate::train::optim::*;
+}
+/// Old module path.
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::train::plot`")]
+pub mod plot {
+    pub use crate::train::plot::*;
+}
+/// Old module path.
+#[deprecated(since = "0.2.0", note = "moved to `candle_zoo::data::preprocess`")]
+pub mod preprocess {
+    pub use crate::data::preprocess::*;
+}

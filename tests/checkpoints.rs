@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::Module;
-use candle_zoo::alexnet::{AlexNet, Layout};
-use candle_zoo::weights::{save_safetensors, Checkpoint, Format, META_LAYOUT};
+use candle_zoo::models::alexnet::{AlexNet, Layout};
+use candle_zoo::weights::metadata::{LAYOUT as META_LAYOUT, PREPROCESS as META_PREPROCESS};
+use candle_zoo::weights::{save_safetensors, Checkpoint, Format};
 use candle_zoo::Error;
 use common::{det_var_builder, small};
 
@@ -69,7 +70,7 @@ fn safetensors_round_trip_and_layout_metadata() {
             .load(&Device::Cpu)
             .unwrap()
             .layout(),
-        Layout::AlexNet
+        Layout::BvlcAlexNet
     );
     let tagged = save(
         dir.path(),
@@ -79,7 +80,7 @@ fn safetensors_round_trip_and_layout_metadata() {
     );
     let ckpt = Checkpoint::open(&tagged).unwrap();
     assert_eq!(ckpt.format(), Format::Safetensors);
-    assert_eq!(ckpt.preset().unwrap().name(), "caffe");
+    assert_eq!(ckpt.preprocess().unwrap().preset().name(), "caffe");
     let loaded = ckpt.load(&Device::Cpu).unwrap();
     assert_eq!(loaded.layout(), Layout::CaffeNet);
     assert_eq!(logits(&loaded), logits(&caffenet));
@@ -106,7 +107,7 @@ fn load_error(path: &Path) -> Error {
 }
 
 fn caffe_tensors() -> Vec<(String, Tensor)> {
-    AlexNet::load(det_var_builder(&small(Layout::AlexNet)))
+    AlexNet::load(det_var_builder(&small(Layout::BvlcAlexNet)))
         .unwrap()
         .named_tensors()
 }
@@ -236,14 +237,13 @@ fn truncated_and_corrupt_files_are_refused_before_loading() {
 
 #[test]
 fn preprocessing_follows_metadata_then_layout() {
-    use candle_zoo::preprocess::Preset;
-    use candle_zoo::weights::META_PREPROCESS;
+    use candle_zoo::data::preprocess::{Preprocess, Preset};
     let dir = tempfile::tempdir().unwrap();
     let bare = save(dir.path(), "bare.safetensors", &caffe_tensors(), &[]);
     let bare = Checkpoint::open(&bare).unwrap();
-    assert_eq!(bare.preset().unwrap(), Preset::Caffe);
+    assert_eq!(bare.preprocess().unwrap(), Preprocess::caffe());
     let pth = Checkpoint::open(fixture("tv_small.pth")).unwrap();
-    assert_eq!(pth.preset().unwrap(), Preset::TorchVision);
+    assert_eq!(pth.preprocess().unwrap(), Preprocess::torchvision());
     // Metadata wins over the layout, whatever layout the weights are loaded as.
     let tagged = save(
         dir.path(),
@@ -252,21 +252,29 @@ fn preprocessing_follows_metadata_then_layout() {
         &[(META_PREPROCESS, "torchvision")],
     );
     let tagged = Checkpoint::open(&tagged).unwrap();
-    assert_eq!(tagged.preset().unwrap(), Preset::TorchVision);
+    assert_eq!(tagged.preprocess().unwrap().preset(), Preset::TorchVision);
+    let as_caffenet = tagged.with_layout(Layout::CaffeNet).unwrap();
     assert_eq!(
-        tagged.preset_for(Layout::CaffeNet).unwrap(),
+        as_caffenet.preprocess().unwrap().preset(),
         Preset::TorchVision
     );
-    let bad = save(
-        dir.path(),
-        "bad.safetensors",
-        &caffe_tensors(),
-        &[(META_PREPROCESS, "jpeg")],
-    );
-    let msg = Checkpoint::open(&bad)
-        .unwrap()
-        .preset()
-        .unwrap_err()
-        .to_string();
-    assert!(msg.contains("unknown preprocessing preset `jpeg`"), "{msg}");
+    // Bad metadata is an error naming the file and the value, never a silent default: a BGR
+    // Caffe file falling back to torchvision's RGB pipeline would classify garbage.
+    for (key, value) in [(META_PREPROCESS, "jpeg"), ("preprocess.crop", "12")] {
+        let bad = save(
+            dir.path(),
+            "bad.safetensors",
+            &caffe_tensors(),
+            &[(key, value)],
+        );
+        let msg = Checkpoint::open(&bad)
+            .unwrap()
+            .preprocess()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("bad.safetensors") && msg.contains(value),
+            "{msg}"
+        );
+    }
 }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use candle_zoo::alexnet::{AlexNet, Layout};
-use candle_zoo::weights::{save_safetensors, Pretrained};
+use candle_zoo::models::alexnet::{AlexNet, Layout};
+use candle_zoo::weights::{save_safetensors, AlexNetWeights};
 use common::hub_server::{HubServer, ServedFile};
 use common::{det_var_builder, example_bin, small};
 
@@ -69,7 +69,7 @@ fn local_weights_print_top5_imagenet_labels_per_image() {
     assert_eq!(lines.len(), 12, "{stdout}");
     assert_eq!(lines[0], "assets/chelsea.png");
     assert_eq!(lines[6], "assets/coffee.png");
-    let labels = candle_zoo::imagenet::classes();
+    let labels = candle_zoo::data::imagenet::classes();
     for line in lines[1..6].iter().chain(&lines[7..12]) {
         let (pct, label) = line.trim().split_once("%  ").expect("`  NN.NN%  label`");
         assert!(pct.trim().parse::<f32>().is_ok(), "{line}");
@@ -110,35 +110,67 @@ fn json_output_is_sorted_probabilities() {
     );
 }
 
+/// The registry's default goes through `HF_ENDPOINT` to its pinned commit and checks the file's
+/// SHA-256 there: the small test checkpoint served in its place is refused by name. The same
+/// file named with `--model-id` and its own checksum downloads, classifies, and then classifies
+/// offline from the cache.
 #[test]
-fn registry_default_comes_through_the_hub_env_and_then_offline() {
+fn hub_downloads_honour_the_env_pin_and_offline_mode() {
     let dir = tempfile::tempdir().unwrap();
     let weights = imagenet_sized_checkpoint(dir.path());
-    let file = Pretrained::default().hub_file().unwrap();
+    let bytes = std::fs::read(&weights).unwrap();
+    let sha = common::hub_server::sha256_hex(&bytes);
+    let file = AlexNetWeights::default().hub_file().unwrap();
+    let (pinned_rev, pinned_sha) = (file.revision.clone(), file.sha256.clone().unwrap());
+    // Built before the server starts: it stops by itself after a minute.
+    example_bin("classify");
     let cache = dir.path().join("hub-cache");
     let cache_s = cache.to_str().unwrap();
     let server = HubServer::start(vec![ServedFile {
-        repo: file.repo,
-        file: file.file,
-        bytes: std::fs::read(&weights).unwrap(),
+        repo: file.repo.clone(),
+        file: file.file.clone(),
+        bytes,
         etag: None,
     }]);
     let endpoint = server.endpoint().to_string();
-    let out = run(
-        &["--device", "cpu"],
-        &[("HF_ENDPOINT", &endpoint), ("HF_HUB_CACHE", cache_s)],
+    let env = [
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("HF_HUB_CACHE", cache_s),
+    ];
+
+    let out = run(&["--device", "cpu"], &env);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("checksum mismatch")
+            && stderr.contains(&pinned_sha)
+            && stderr.contains(&pinned_rev)
+            && stderr.contains("--weights"),
+        "{stderr}"
     );
+
+    let by_id = [
+        "--device",
+        "cpu",
+        "--model-id",
+        file.repo.as_str(),
+        "--hub-file",
+        file.file.as_str(),
+        "--revision",
+        pinned_rev.as_str(),
+        "--sha256",
+        sha.as_str(),
+    ];
+    let out = run(&by_id, &env);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).starts_with(&format!("{}/assets/chelsea.png", root().display())));
     drop(server);
-    let out = run(
-        &["--device", "cpu"],
-        &[
-            ("HF_ENDPOINT", &endpoint),
-            ("HF_HUB_CACHE", cache_s),
-            ("HF_HUB_OFFLINE", "1"),
-        ],
-    );
+    let offline = [
+        ("HF_ENDPOINT", endpoint.as_str()),
+        ("HF_HUB_CACHE", cache_s),
+        ("HF_HUB_OFFLINE", "1"),
+    ];
+    let out = run(&by_id, &offline);
     assert!(
         out.status.success(),
         "offline from the cache: {}",
@@ -160,7 +192,9 @@ fn failures_exit_nonzero_with_a_named_cause() {
     let stderr = text(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("theunnecessarythings/vision_models") && stderr.contains("HF_HUB_OFFLINE"),
+        stderr.contains("theunnecessarythings/vision_models")
+            && stderr.contains("HF_HUB_OFFLINE")
+            && stderr.contains("--weights PATH"),
         "{stderr}"
     );
 

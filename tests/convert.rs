@@ -9,11 +9,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use candle_nn::Module;
-use candle_zoo::alexnet::Layout;
-use candle_zoo::convert::{
-    convert, read_mean_binaryproto, read_mean_image, ConvertOptions, SourceFormat, MEAN_IMAGE_KEY,
+use candle_zoo::data::preprocess::{MeanImage, Preprocess};
+use candle_zoo::models::alexnet::Layout;
+use candle_zoo::weights::convert::{
+    convert, read_mean_binaryproto, read_mean_image, ConvertOptions, SourceFormat,
 };
-use candle_zoo::preprocess::{MeanImage, Preset};
+use candle_zoo::weights::metadata::MEAN_IMAGE as MEAN_IMAGE_KEY;
 use candle_zoo::weights::Checkpoint;
 use candle_zoo::Error;
 use common::{det_values, rel_err};
@@ -81,15 +82,17 @@ fn caffemodel_in_the_current_layer_format_matches_pytorch() {
     let (logits, ckpt) = convert_and_run("alexnet.caffemodel", &ConvertOptions::default(), 227);
     assert_parity(&logits, "alexnet_227");
     let meta = ckpt.metadata();
-    assert_eq!(meta["layout"], "alexnet");
+    assert_eq!(meta["layout"], "bvlc-alexnet");
     assert_eq!(meta["preprocess"], "caffe");
     assert_eq!(meta["source"], "alexnet.caffemodel");
     assert_eq!(meta["source_format"], "caffe");
+    let (sha256, sha1) =
+        candle_zoo::weights::checksum::digests(fixture("alexnet.caffemodel")).unwrap();
     assert_eq!(
-        meta["source_sha256"],
-        candle_zoo::hub::sha256_file(fixture("alexnet.caffemodel")).unwrap()
+        (&meta["source_sha256"], &meta["source_sha1"]),
+        (&sha256, &sha1)
     );
-    assert_eq!(ckpt.preprocess(), Preset::Caffe.pipeline());
+    assert_eq!(ckpt.preprocess().unwrap(), Preprocess::caffe());
 }
 
 #[test]
@@ -104,16 +107,16 @@ fn caffemodel_in_the_v1_format_is_caffenet_and_matches_pytorch() {
 fn caffemodel_in_the_2013_v0_format_matches_pytorch() {
     let (logits, ckpt) = convert_and_run("alexnet_v0.caffemodel", &ConvertOptions::default(), 227);
     assert_parity(&logits, "alexnet_227");
-    assert_eq!(ckpt.metadata()["layout"], "alexnet");
+    assert_eq!(ckpt.metadata()["layout"], "bvlc-alexnet");
 }
 
 #[test]
 fn onnx_export_matches_pytorch_at_224() {
     let (logits, ckpt) = convert_and_run("alexnet.onnx", &ConvertOptions::default(), 224);
     assert_parity(&logits, "alexnet_224");
-    assert_eq!(ckpt.metadata()["layout"], "alexnet");
+    assert_eq!(ckpt.metadata()["layout"], "bvlc-alexnet");
     // The ONNX model zoo feeds 224 px: the recorded pipeline crops 224.
-    let p = ckpt.preprocess();
+    let p = ckpt.preprocess().unwrap();
     assert_eq!((p.crop, p.bgr), (224, true));
 }
 
@@ -129,7 +132,7 @@ fn pytorch_port_of_caffenet_needs_the_layout_and_matches_pytorch() {
     assert_eq!(ckpt.metadata()["source_format"], "torch");
     // Weights alone cannot tell CaffeNet from AlexNet: the default is AlexNet.
     let guessed = convert(fixture("caffenet_port.pth"), &ConvertOptions::default()).unwrap();
-    assert_eq!(guessed.layout(), Layout::AlexNet);
+    assert_eq!(guessed.layout(), Layout::BvlcAlexNet);
 }
 
 #[test]
@@ -223,7 +226,7 @@ fn mean_image_is_stored_and_subtracted_at_the_crop_offset() {
     converted.save(&out).unwrap();
     let ckpt = Checkpoint::open(&out).unwrap();
     assert!(ckpt.keys().iter().any(|k| k == MEAN_IMAGE_KEY));
-    let p = ckpt.preprocess();
+    let p = ckpt.preprocess().unwrap();
     assert_eq!(p.mean_image.as_deref(), Some(&mean));
     // The model still loads (the mean image is not a weight).
     ckpt.load(&Device::Cpu).unwrap();
@@ -245,7 +248,7 @@ fn mean_image_is_stored_and_subtracted_at_the_crop_offset() {
         );
     }
     // A mean image that does not match the resize is refused.
-    let err = candle_zoo::preprocess::Preprocess::torchvision()
+    let err = candle_zoo::data::preprocess::Preprocess::torchvision()
         .with_mean_image(small)
         .unwrap_err();
     assert!(err.to_string().contains("16x16"), "{err}");
@@ -283,7 +286,7 @@ fn an_lrn_that_is_not_alexnets_is_refused() {
 #[test]
 fn a_layout_that_contradicts_the_file_is_refused() {
     let options = ConvertOptions {
-        layout: Some(Layout::AlexNet),
+        layout: Some(Layout::BvlcAlexNet),
         ..Default::default()
     };
     let msg = convert_err("caffenet_v1.caffemodel", &options);
@@ -323,9 +326,10 @@ fn an_unrecognised_file_asks_for_the_format() {
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("weights.dat") && msg.contains("--from"),
+        msg.contains("weights.dat") && msg.contains("say which format it is"),
         "{msg}"
     );
+    assert!(!msg.contains("--"), "a library error names no flag: {msg}");
     // Named explicitly, the caffe reader finds no layers in it.
     let options = ConvertOptions {
         format: Some(SourceFormat::Caffe),
@@ -364,7 +368,7 @@ fn convert_example_end_to_end() {
         String::from_utf8_lossy(&first.stderr)
     );
     assert!(stdout.contains("layout caffenet"), "{stdout}");
-    let sha = candle_zoo::hub::sha256_file(&out).unwrap();
+    let sha = candle_zoo::weights::checksum::sha256_file(&out).unwrap();
     assert!(
         stdout.contains(&sha),
         "the output's sha256 is printed: {stdout}"
@@ -376,7 +380,10 @@ fn convert_example_end_to_end() {
     let again = run(&args);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
-    assert_eq!(candle_zoo::hub::sha256_file(&out).unwrap(), sha);
+    assert_eq!(
+        candle_zoo::weights::checksum::sha256_file(&out).unwrap(),
+        sha
+    );
 
     // A bad input leaves nothing behind and names the file.
     let bad = fixture("missing_blob.caffemodel");
@@ -389,4 +396,103 @@ fn convert_example_end_to_end() {
         "{stderr}"
     );
     assert!(!out2.exists());
+
+    // The example names the flag that says the format.
+    let unknown = dir.path().join("weights.dat");
+    std::fs::write(&unknown, b"\x0a\x03abc").unwrap();
+    let out3 = dir.path().join("unknown.safetensors");
+    let failed = run(&[unknown.as_os_str(), "--out".as_ref(), out3.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        !failed.status.success() && stderr.contains("--from"),
+        "{stderr}"
+    );
+}
+
+/// `convert --install` installs only the registry's originals: the fixture, a real Caffe file but
+/// not BVLC's, is refused by its checksum and nothing is written.
+#[test]
+fn convert_install_refuses_what_is_not_a_published_original() {
+    let bin = common::example_bin("convert");
+    let store = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&bin)
+        .args(["--install", "--device", "cpu"])
+        .arg(fixture("alexnet.caffemodel"))
+        .env("CANDLE_ZOO_WEIGHTS", store.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("none of the registry's originals") && stderr.contains("--out"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+}
+
+/// The registry's Caffe entries load from their installed conversion, and only from the
+/// conversion of the published file: here the fixture stands in for `bvlc_reference_caffenet`
+/// once its recorded source checksum is the published one.
+#[test]
+fn installed_originals_load_through_the_registry() {
+    use candle_zoo::weights::{metadata, AlexNetWeights, Published};
+    let store = tempfile::tempdir().unwrap();
+    // Only this test reads the variable in this process.
+    std::env::set_var("CANDLE_ZOO_WEIGHTS", store.path());
+    let entry = AlexNetWeights::BvlcCaffeNet;
+    let Published::Sha1(published) = entry.info().original_checksum else {
+        panic!("the Caffe entries publish SHA-1s")
+    };
+
+    // Nothing installed: the error says where it looked and what to download.
+    let err = entry.load(&Device::Cpu).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::NotInstalled { .. }), "{msg}");
+    assert!(
+        msg.contains(&store.path().display().to_string())
+            && msg.contains("bvlc_reference_caffenet.caffemodel")
+            && msg.contains(published),
+        "{msg}"
+    );
+
+    // The fixture is not the published file: refused, nothing written.
+    let mut converted = convert(fixture("caffenet_v1.caffemodel"), &Default::default()).unwrap();
+    let err = entry.install(&converted).unwrap_err();
+    assert!(matches!(err, Error::Checksum { .. }), "{err}");
+    assert!(err.to_string().contains(published), "{err}");
+    assert!(!entry.installed_path().exists());
+    assert_eq!(AlexNetWeights::of_converted(&converted), None);
+
+    // As if it were: installed, found, loaded as CaffeNet with Caffe's pipeline.
+    converted
+        .metadata
+        .insert(metadata::SOURCE_SHA1.into(), published.into());
+    assert_eq!(AlexNetWeights::of_converted(&converted), Some(entry));
+    // The registry's layout is checked too.
+    assert!(AlexNetWeights::BvlcAlexNet.install(&converted).is_err());
+    let path = entry.install(&converted).unwrap();
+    assert_eq!(path, store.path().join("bvlc-caffenet.safetensors"));
+    let (model, preprocess) = entry.load(&Device::Cpu).unwrap();
+    assert_eq!(model.layout(), Layout::CaffeNet);
+    assert_eq!(preprocess, Preprocess::caffe());
+    let x = input(227);
+    assert_eq!(
+        model.forward(&x).unwrap().to_vec2::<f32>().unwrap(),
+        converted
+            .model(&Device::Cpu)
+            .unwrap()
+            .forward(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    );
+
+    // A file put there by hand from another source is refused by name.
+    let other = convert(fixture("caffenet_v1.caffemodel"), &Default::default()).unwrap();
+    other.save(&path).unwrap();
+    let msg = entry.load(&Device::Cpu).unwrap_err().to_string();
+    assert!(
+        msg.contains("bvlc-caffenet.safetensors") && msg.contains("converted from another file"),
+        "{msg}"
+    );
 }

@@ -3,27 +3,26 @@
 //! candle's own ops where the CPU runs candle-zoo's custom ones (conv, linear, LRN, max-pool),
 //! so this also checks those two paths against each other at full size.
 //!
-//! Runs where a build has `--features cuda` (or `metal`) and the machine has that device;
-//! elsewhere each test says it was skipped and passes. A release build keeps the CPU side quick:
-//! `cargo test --release --features cuda --test devices -- --nocapture`.
+//! The tests are compiled everywhere but run only in a build with `--features cuda` (or `metal`):
+//! elsewhere `cargo test` lists them as ignored, with the command that runs them. In such a build
+//! a machine without the device fails them, rather than passing them unchecked. A release build
+//! keeps the CPU side quick: `cargo test --release --features cuda --test devices -- --nocapture`.
 
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
-use candle_zoo::alexnet::{AlexNet, Config, Layer, Layout};
 use candle_zoo::device::DeviceChoice;
-use candle_zoo::optim::{ParamGroup, Sgd, SgdConfig};
+use candle_zoo::models::alexnet::{AlexNet, Config, Layout, Tap};
+use candle_zoo::train::optim::{ParamGroup, Sgd, SgdConfig};
 use common::{det_values, det_weights};
 
-/// The accelerator `--device auto` picks, or `None` (and a note) when there is only the CPU.
-fn accelerator() -> Option<Device> {
+/// The accelerator `--device auto` picks; a build for one on a machine without it is a failure.
+fn accelerator() -> Device {
     match DeviceChoice::Auto.device() {
-        Ok(d) if !d.is_cpu() => Some(d),
-        _ => {
-            eprintln!("skipped: no CUDA or Metal device in this build or on this machine");
-            None
-        }
+        Ok(d) if !d.is_cpu() => d,
+        Ok(_) => panic!("this build has a GPU backend, but no CUDA or Metal device was found"),
+        Err(e) => panic!("opening the GPU failed: {e}"),
     }
 }
 
@@ -77,12 +76,14 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
 const TOL: f64 = 1e-4;
 
 #[test]
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "metal")),
+    ignore = "needs a GPU build: cargo test --release --features cuda --test devices"
+)]
 fn logits_and_taps_agree_with_the_cpu() -> anyhow::Result<()> {
-    let Some(gpu) = accelerator() else {
-        return Ok(());
-    };
-    let taps = [Layer::Conv1, Layer::Conv2, Layer::Pool5, Layer::Fc7];
-    for layout in [Layout::TorchVision, Layout::AlexNet, Layout::CaffeNet] {
+    let gpu = accelerator();
+    let taps = [Tap::Conv1, Tap::Conv2, Tap::Pool5, Tap::Fc7];
+    for layout in [Layout::TorchVision, Layout::BvlcAlexNet, Layout::CaffeNet] {
         let config = Config::for_layout(layout);
         let (cpu_model, _) = model_on(&config, &Device::Cpu, DType::F32)?;
         let (gpu_model, _) = model_on(&config, &gpu, DType::F32)?;
@@ -179,11 +180,13 @@ fn training_step(
 /// ~5e-3). So at full size the fully connected layers (above every pool) are held to f32
 /// precision, and the convs and the update to 2e-2.
 #[test]
+#[cfg_attr(
+    not(any(feature = "cuda", feature = "metal")),
+    ignore = "needs a GPU build: cargo test --release --features cuda --test devices"
+)]
 fn a_training_step_agrees_with_the_cpu() -> anyhow::Result<()> {
-    let Some(gpu) = accelerator() else {
-        return Ok(());
-    };
-    for layout in [Layout::TorchVision, Layout::AlexNet, Layout::CaffeNet] {
+    let gpu = accelerator();
+    for layout in [Layout::TorchVision, Layout::BvlcAlexNet, Layout::CaffeNet] {
         // No dropout: candle's masks differ between devices; the rest of training mode stays.
         for (size, config) in [
             ("small", common::small(layout).with_dropout(0.0)),

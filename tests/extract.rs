@@ -9,10 +9,10 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use candle_zoo::alexnet::{AlexNet, Config, Layer, Layout};
+use candle_zoo::data::features::{extract_to, work_dir, FeatureFormat, FeatureWriter, Summary};
+use candle_zoo::data::preprocess::Preprocess;
 use candle_zoo::data::{collect_images, BatchLoader};
-use candle_zoo::features::{extract_to, work_dir, FeatureFormat, FeatureWriter, Summary};
-use candle_zoo::preprocess::Preprocess;
+use candle_zoo::models::alexnet::{AlexNet, Config, Layout, Tap};
 use common::{det_var_builder, small};
 
 fn asset(name: &str) -> PathBuf {
@@ -68,9 +68,10 @@ fn run(
         batch,
         workers,
         writer.done(),
-    );
+    )
+    .unwrap();
     let mut batches = 0;
-    extract_to(model, Layer::Fc7, loader, &mut writer, &Device::Cpu, |_| {
+    extract_to(model, Tap::Fc7, loader, &mut writer, &Device::Cpu, |_| {
         batches += 1;
         if Some(batches) == stop_after {
             ControlFlow::Break(())
@@ -167,7 +168,7 @@ fn rows_equal_single_image_extract_and_failures_are_reported() {
             .unsqueeze(0)
             .unwrap();
         let want: Vec<f32> = model
-            .extract(&x, Layer::Fc7)
+            .extract(&x, Tap::Fc7)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -265,7 +266,7 @@ fn a_resumed_run_writes_the_same_bytes() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("--resume") && err.contains(".partial"),
+        err.contains("resume it") && err.contains(".partial"),
         "{err}"
     );
     // Another input list cannot resume it.
@@ -302,15 +303,10 @@ fn npy_output_holds_the_same_matrix() {
     let npy = dir.path().join("f.npy");
     let meta = BTreeMap::from([("layer".to_string(), "fc7".to_string())]);
     let mut writer = FeatureWriter::create(&npy, FeatureFormat::Npy, &paths, meta, false).unwrap();
-    let loader = BatchLoader::new(paths.clone(), Preprocess::torchvision(), 2, 1, 0);
-    extract_to(
-        &model,
-        Layer::Fc7,
-        loader,
-        &mut writer,
-        &Device::Cpu,
-        |_| ControlFlow::Continue(()),
-    )
+    let loader = BatchLoader::new(paths.clone(), Preprocess::torchvision(), 2, 1, 0).unwrap();
+    extract_to(&model, Tap::Fc7, loader, &mut writer, &Device::Cpu, |_| {
+        ControlFlow::Continue(())
+    })
     .unwrap();
     writer.finish().unwrap();
     let bytes = std::fs::read(&npy).unwrap();
@@ -344,7 +340,7 @@ fn preprocessing_gives_torchvisions_fc7_on_real_photos() {
     let p = Preprocess::torchvision();
     let fc7 = |x: Tensor| -> Vec<f32> {
         model
-            .extract(&x.unsqueeze(0).unwrap(), Layer::Fc7)
+            .extract(&x.unsqueeze(0).unwrap(), Tap::Fc7)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -481,6 +477,14 @@ fn extract_fc7_example_end_to_end() {
     );
     let done = std::fs::read_to_string(&manifest).unwrap().lines().count();
     assert!(done < 40, "the run was killed before the end ({done} done)");
+
+    // Run again without --resume: refused, with the flag that continues it.
+    let again = extract_cli(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && stderr.contains("--resume") && stderr.contains(".partial"),
+        "{stderr}"
+    );
 
     args.push("--resume".into());
     let resumed = extract_cli(&args).output().unwrap();

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{Device, Tensor};
 use candle_nn::Module;
-use candle_zoo::alexnet::{AlexNet, Layout};
-use candle_zoo::hub::{Hub, HubFile};
-use candle_zoo::weights::{save_safetensors, Checkpoint, Pretrained};
+use candle_zoo::models::alexnet::{AlexNet, Layout};
+use candle_zoo::weights::hub::{Hub, HubFile};
+use candle_zoo::weights::{save_safetensors, AlexNetWeights, Checkpoint};
 use candle_zoo::Error;
 use common::hub_server::{sha256_hex, HubServer, ServedFile, COMMIT};
 use common::{det_var_builder, small};
@@ -146,10 +146,11 @@ fn unreachable_hub_names_repo_file_and_the_way_out() {
         "http://127.0.0.1:9",
         "HF_ENDPOINT",
         "HF_HUB_OFFLINE",
-        "--weights",
+        "local copy",
     ] {
         assert!(msg.contains(needle), "`{needle}` missing from: {msg}");
     }
+    assert!(!msg.contains("--"), "a library error names no flag: {msg}");
     // Offline with a cold cache: says so, without trying the network.
     let err = hub("http://127.0.0.1:9", cache.path())
         .offline(true)
@@ -168,24 +169,38 @@ fn missing_file_on_the_hub_is_an_error() {
     assert!(err.to_string().contains("nope.safetensors"), "{err}");
 }
 
+/// The registry's default is pinned: it asks the hub for the file at its commit, and a file
+/// whose SHA-256 is not the recorded one (here the small test checkpoint) is refused.
 #[test]
-fn registry_default_resolves_through_the_hub() {
-    // The registry's default names a hub repo and file; serve a (small) checkpoint there and
-    // check that the registry path downloads and loads it.
-    let (bytes, model) = checkpoint_bytes();
-    let file = Pretrained::default()
-        .hub_file()
-        .expect("the default has a hub file");
+fn registry_default_is_pinned_to_a_commit_and_checksum() {
+    let (bytes, _) = checkpoint_bytes();
+    let weights = AlexNetWeights::default();
+    let file = weights.hub_file().expect("the default has a hub file");
+    let copy = weights.info().hub.unwrap();
+    assert_eq!(
+        (file.revision.as_str(), file.sha256.as_deref()),
+        (copy.revision, Some(copy.sha256))
+    );
     let cache = tempfile::tempdir().unwrap();
     let server = HubServer::start(vec![ServedFile {
         repo: file.repo.clone(),
         file: file.file.clone(),
-        bytes,
+        bytes: bytes.clone(),
         etag: None,
     }]);
-    let path = Pretrained::default()
+    let err = weights
         .fetch(&hub(server.endpoint(), cache.path()))
-        .unwrap();
-    let loaded = Checkpoint::open(path).unwrap().load(&Device::Cpu).unwrap();
-    assert_eq!(logits(&loaded), logits(&model));
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Checksum { .. }), "{msg}");
+    assert!(
+        msg.contains(copy.sha256) && msg.contains(&sha256_hex(&bytes)),
+        "{msg}"
+    );
+    // The download went to the pinned commit's snapshot.
+    let snapshot = cache
+        .path()
+        .join("models--theunnecessarythings--vision_models/snapshots")
+        .join(copy.revision);
+    assert!(snapshot.join(copy.file).exists(), "{}", snapshot.display());
 }

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::Device;
-use candle_zoo::preprocess::{Preprocess, Preset};
+use candle_zoo::data::preprocess::{Preprocess, Preset};
 use candle_zoo::Error;
 
 fn asset(name: &str) -> std::path::PathBuf {

@@ -1,4 +1,4 @@
-//! Numerical parity with PyTorch: every `Layer` tap and the logits, for every layout, full-size
+//! Numerical parity with PyTorch: every `Tap` and the logits, for every layout, full-size
 //! and small models, against `tests/fixtures/parity.*` written by `scripts/make_fixtures.py`.
 //!
 //! Weights and inputs come from the same index-hash formula on both sides (`det_values`), so the
@@ -8,7 +8,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use candle_zoo::alexnet::{AlexNet, Config, Layer, Layout};
+use candle_zoo::models::alexnet::{AlexNet, Config, Layout, Tap};
 use common::{det_values, det_var_builder, rel_err, sample};
 use serde_json::Value;
 
@@ -59,7 +59,7 @@ fn check_case(name: &str) {
     let vb = det_var_builder(&config);
     let model = if layout == Layout::CaffeNet {
         let inferred = Config::from_checkpoint(&vb).unwrap();
-        assert_eq!(inferred, config.clone().with_layout(Layout::AlexNet));
+        assert_eq!(inferred, config.clone().with_layout(Layout::BvlcAlexNet));
         AlexNet::new(&inferred.with_layout(Layout::CaffeNet), vb).unwrap()
     } else {
         AlexNet::load(vb).unwrap()
@@ -84,10 +84,14 @@ fn check_case(name: &str) {
         "the input formula differs from the script's"
     );
 
-    let taps = model.extract_many(&x, &Layer::ALL).unwrap();
+    let taps = model.extract_many(&x, &Tap::ALL).unwrap();
     let mut report = Vec::new();
-    for (layer, got) in Layer::ALL.iter().zip(&taps) {
-        let key = layer.name();
+    for (tap, got) in Tap::ALL.iter().zip(&taps) {
+        // The fixture script names fc8's output as PyTorch users do.
+        let key = match tap {
+            Tap::Fc8 => "logits",
+            tap => tap.name(),
+        };
         assert_eq!(
             got.dims(),
             ints(&case["shapes"][key]).as_slice(),
@@ -118,7 +122,7 @@ fn check_case(name: &str) {
         logits.to_vec2::<f32>().unwrap(),
         taps[8].to_vec2::<f32>().unwrap()
     );
-    let fc7 = model.extract(&x, Layer::Fc7).unwrap();
+    let fc7 = model.extract(&x, Tap::Fc7).unwrap();
     assert_eq!(
         fc7.to_vec2::<f32>().unwrap(),
         taps[7].to_vec2::<f32>().unwrap()

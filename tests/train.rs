@@ -10,14 +10,15 @@ mod common;
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
-use candle_zoo::alexnet::{Config, Layout};
-use candle_zoo::dataset::ImageFolder;
-use candle_zoo::optim::{LrSchedule, SgdConfig};
+use candle_core::{Device, ModuleT, Tensor};
+use candle_zoo::data::dataset::ImageFolder;
+use candle_zoo::data::preprocess::Preprocess;
+use candle_zoo::models::alexnet::{Config, Layout};
 use candle_zoo::rng::Rng;
+use candle_zoo::train::optim::{LrSchedule, SgdConfig};
 use candle_zoo::train::{
-    pipeline_for_size, Event, ParamPolicy, TrainConfig, Trainer, BEST, CHECKPOINT, CONFUSION_CSV,
-    METRICS_CSV, METRICS_PNG,
+    Event, ParamPolicy, TrainConfig, Trainer, BEST, CHECKPOINT, CONFUSION_CSV, METRICS_CSV,
+    METRICS_PNG,
 };
 use common::example_bin;
 
@@ -101,7 +102,7 @@ fn trainer(data: &Path, out: &Path, config: TrainConfig) -> Trainer {
     let (train, val) = ImageFolder::open_splits(data).unwrap();
     Trainer::new(
         &small_model(),
-        pipeline_for_size(Layout::TorchVision, 64),
+        Preprocess::torchvision().scaled_to(64),
         train,
         Some(val),
         config,
@@ -170,7 +171,7 @@ fn training_learns_the_shapes() {
     // The best weights load on their own, with the pipeline they were trained with.
     let ckpt = candle_zoo::weights::Checkpoint::open(out.join(BEST)).unwrap();
     let model = ckpt.load(&Device::Cpu).unwrap();
-    let pre = ckpt.preprocess();
+    let pre = ckpt.preprocess().unwrap();
     assert_eq!((model.num_classes(), pre.crop), (4, 64));
 }
 
@@ -238,7 +239,7 @@ fn bad_runs_are_refused_with_clear_errors() {
     let wrong = small_model().with_classes(3);
     let err = Trainer::new(
         &wrong,
-        pipeline_for_size(Layout::TorchVision, 64),
+        Preprocess::torchvision().scaled_to(64),
         train.clone(),
         Some(val.clone()),
         settings(1),
@@ -274,11 +275,11 @@ fn frozen_layers_get_no_gradient_and_do_not_move() {
     shapes_dataset(&data, 4, 1);
     let (train, val) = ImageFolder::open_splits(&data).unwrap();
     let mut config = settings(1);
-    config.policy.freeze_through = Some(candle_zoo::Layer::Conv5);
+    config.policy.freeze_through = Some(candle_zoo::models::alexnet::Tap::Conv5);
     config.policy.head_lr_mult = 10.0;
     let mut t = Trainer::new(
         &small_model(),
-        pipeline_for_size(Layout::TorchVision, 64),
+        Preprocess::torchvision().scaled_to(64),
         train,
         Some(val),
         config,
@@ -307,7 +308,7 @@ fn sgd_steps_match_pytorch() {
             .unwrap();
     for (name, layout, side) in [
         ("tv", Layout::TorchVision, 79),
-        ("caffe", Layout::AlexNet, 227),
+        ("caffe", Layout::BvlcAlexNet, 227),
     ] {
         let case = &spec["configs"][name];
         let channels: Vec<usize> = serde_json::from_value(case["channels"].clone()).unwrap();
@@ -334,7 +335,7 @@ fn sgd_steps_match_pytorch() {
             freeze_through: None,
         };
         let groups = candle_zoo::train::param_groups(&model, &vars, &policy).unwrap();
-        let mut sgd = candle_zoo::optim::Sgd::new(
+        let mut sgd = candle_zoo::train::optim::Sgd::new(
             groups,
             SgdConfig {
                 lr: 0.01,
@@ -354,7 +355,11 @@ fn sgd_steps_match_pytorch() {
         let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
         let mut rng = Rng::new(0);
         for step in 1..=2 {
-            let logits = model.forward_train(&x, &mut rng, None).unwrap();
+            let logits = model
+                .train_view()
+                .with_rng(&mut rng)
+                .forward_t(&x, true)
+                .unwrap();
             let loss = candle_nn::loss::cross_entropy(&logits, &y).unwrap();
             let got_loss = loss.to_scalar::<f32>().unwrap() as f64;
             let want_loss = case["losses"][step - 1].as_f64().unwrap();

@@ -15,7 +15,6 @@ mod conv;
 mod cpu;
 mod linear;
 mod lrn;
-mod narrow;
 mod pool;
 
 pub use conv::conv2d;

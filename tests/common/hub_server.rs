@@ -1,6 +1,7 @@
 //! A minimal Hugging Face hub on 127.0.0.1: it answers `GET /{repo}/resolve/{revision}/{file}`
-//! the way the hub does for LFS files (ETag = SHA-256, `X-Repo-Commit`, byte ranges with 206 and
-//! `Content-Range`), and 404 with `X-Error-Code: EntryNotFound` otherwise. It stops when dropped,
+//! for `main` and any commit hash the way the hub does for LFS files (ETag = SHA-256,
+//! `X-Repo-Commit`, byte ranges with 206 and `Content-Range`), and 404 with
+//! `X-Error-Code: EntryNotFound` otherwise. It stops when dropped,
 //! and by itself after a minute in any case.
 
 use std::io::{BufRead, BufReader, Write};
@@ -104,10 +105,22 @@ fn serve(stream: TcpStream, files: &[ServedFile]) -> std::io::Result<()> {
         }
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("");
+    // `main` resolves to COMMIT; a commit hash (40 hex digits) to itself.
+    let is_commit = |rev: &str| rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut commit = COMMIT;
     let found = files.iter().find(|f| {
-        ["main", COMMIT]
-            .iter()
-            .any(|rev| path == format!("/{}/resolve/{rev}/{}", f.repo, f.file))
+        let Some(rest) = path.strip_prefix(&format!("/{}/resolve/", f.repo)) else {
+            return false;
+        };
+        match rest.split_once('/') {
+            Some((rev, file)) if file == f.file && (rev == "main" || is_commit(rev)) => {
+                if rev != "main" {
+                    commit = rev;
+                }
+                true
+            }
+            _ => false,
+        }
     });
     let mut out = stream;
     let Some(f) = found else {
@@ -142,7 +155,7 @@ fn serve(stream: TcpStream, files: &[ServedFile]) -> std::io::Result<()> {
     write!(
         out,
         "HTTP/1.1 {status}\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{total}\r\n\
-         ETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n",
+         ETag: \"{etag}\"\r\nX-Repo-Commit: {commit}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n\r\n",
         body.len()
     )?;
     out.write_all(body)

@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_zoo::alexnet::{Config, Layout};
+use candle_zoo::models::alexnet::{Config, Layout};
 
 pub fn fnv1a32(name: &str) -> u32 {
     name.bytes().fold(0x811C9DC5u32, |h, b| {

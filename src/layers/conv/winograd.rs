@@ -32,8 +32,8 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::{with_scratch, Geometry};
+use crate::layers::cpu::narrow;
 use crate::layers::cpu::{self, DstPtr};
-use crate::layers::narrow;
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;

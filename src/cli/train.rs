@@ -1,0 +1,229 @@
+//! The flags of the `train` and `finetune` examples and the loop that reports their progress.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use candle_core::Device;
+
+use super::Progress;
+use crate::data::dataset::ImageFolder;
+use crate::error::Result;
+use crate::train::optim::{LrSchedule, SgdConfig};
+use crate::train::{Event, ParamPolicy, TrainConfig, Trainer};
+
+/// Flags shared by the `train` and `finetune` examples: data, output, the optimizer and its
+/// schedule, augmentation and checkpointing.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Dataset root holding `train/<class>/*` and, optionally, `val/<class>/*` (ImageFolder).
+    #[arg(long, value_name = "DIR")]
+    pub data: PathBuf,
+
+    /// Output folder: checkpoint.safetensors, best.safetensors, metrics.csv, metrics.png and
+    /// confusion.csv.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    /// Epochs to train (default: 90 for train, 10 for finetune).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+
+    #[arg(long, default_value_t = 128, value_parser = super::parse_batch_size)]
+    pub batch_size: usize,
+
+    /// Base learning rate (default: 0.01 for train, 0.001 for finetune).
+    #[arg(long)]
+    pub lr: Option<f64>,
+
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+
+    /// Nesterov momentum.
+    #[arg(long)]
+    pub nesterov: bool,
+
+    /// Learning-rate schedule: `constant`, `step:EPOCHS:GAMMA` or
+    /// `plateau:max|min:FACTOR:PATIENCE` (on validation top-1).
+    #[arg(long, default_value = "plateau:max:0.1:5")]
+    pub schedule: LrSchedule,
+
+    /// Caffe's solver policy: biases at 2x the learning rate and without weight decay.
+    #[arg(long)]
+    pub caffe_biases: bool,
+
+    /// Every random draw (shuffling, crops, flips, lighting, dropout) derives from it.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Threads decoding and augmenting images (default: the cores).
+    #[arg(long)]
+    pub workers: Option<usize>,
+
+    /// Turn off random horizontal mirrors.
+    #[arg(long)]
+    pub no_flip: bool,
+
+    /// Standard deviation of the PCA lighting noise (the paper's 0.1; 0 turns it off).
+    #[arg(long, default_value_t = 0.1)]
+    pub lighting: f32,
+
+    /// Evaluate on ten crops (corners, centre and mirrors) instead of the centre crop.
+    #[arg(long)]
+    pub ten_crop: bool,
+
+    /// Also checkpoint every N batches within an epoch (0: at the end of each epoch only).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub checkpoint_every: usize,
+
+    /// Continue the run in --out from its checkpoint (settings come from the checkpoint;
+    /// --epochs and --workers may change).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl TrainArgs {
+    /// The training settings the flags describe, with the example's defaults for what was not
+    /// given.
+    pub fn config(
+        &self,
+        default_epochs: usize,
+        default_lr: f64,
+        policy: ParamPolicy,
+    ) -> TrainConfig {
+        let defaults = TrainConfig::default();
+        TrainConfig {
+            epochs: self.epochs.unwrap_or(default_epochs),
+            batch_size: self.batch_size,
+            sgd: SgdConfig {
+                lr: self.lr.unwrap_or(default_lr),
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                ..SgdConfig::default()
+            },
+            schedule: self.schedule.clone(),
+            policy: ParamPolicy {
+                weight_decay: self.weight_decay,
+                caffe_biases: self.caffe_biases,
+                ..policy
+            },
+            seed: self.seed,
+            workers: self.workers.unwrap_or(defaults.workers),
+            flip: !self.no_flip,
+            lighting: self.lighting,
+            ten_crop: self.ten_crop,
+            checkpoint_every: self.checkpoint_every,
+        }
+    }
+
+    /// `DATA/train` and, when it exists, `DATA/val` with the training split's classes.
+    pub fn open_data(&self) -> Result<(ImageFolder, Option<ImageFolder>)> {
+        let train = ImageFolder::open(self.data.join("train"))?;
+        let val_dir = self.data.join("val");
+        let val = if val_dir.is_dir() {
+            Some(ImageFolder::open_with_classes(&val_dir, train.classes())?)
+        } else {
+            None
+        };
+        Ok((train, val))
+    }
+
+    /// `Trainer::resume` on --out, or `start` for a new run; refuses to start over an existing
+    /// run without --resume.
+    pub fn trainer(
+        &self,
+        device: &Device,
+        start: impl FnOnce(ImageFolder, Option<ImageFolder>) -> Result<Trainer>,
+    ) -> Result<Trainer> {
+        let (train, val) = self.open_data()?;
+        if self.resume {
+            Trainer::resume(&self.out, train, val, self.epochs, self.workers, device)
+        } else {
+            start(train, val)
+        }
+    }
+}
+
+/// Runs a trainer to the end with a progress bar per epoch and a summary line per epoch,
+/// after a line saying what runs where (`what`: "training", "fine-tuning").
+pub fn run_training(trainer: &mut Trainer, what: &str) -> Result<()> {
+    eprintln!(
+        "{what} a {} AlexNet ({} classes) on {}; outputs in {}",
+        trainer.model().layout(),
+        trainer.model().num_classes(),
+        crate::device::describe(trainer.device()),
+        trainer.out_dir().display()
+    );
+    let mut bar: Option<Progress> = None;
+    let mut eval_bar: Option<Progress> = None;
+    let mut skipped = 0usize;
+    trainer.run(&mut |event| {
+        match event {
+            Event::EpochStart {
+                epoch,
+                batches,
+                done,
+                lr,
+            } => {
+                bar = Some(Progress::new(
+                    &format!("epoch {epoch} (lr {lr:.3e})"),
+                    "batches",
+                    batches as u64,
+                    done as u64,
+                ));
+            }
+            Event::Batch { .. } => {
+                if let Some(b) = &mut bar {
+                    b.inc(1);
+                }
+            }
+            Event::Skipped { path, error } => {
+                skipped += 1;
+                let msg = format!("skipped {}: {error}", path.display());
+                match &bar {
+                    Some(b) => b.println(msg),
+                    None => eprintln!("{msg}"),
+                }
+            }
+            Event::EvalStart { images } => {
+                if let Some(b) = bar.take() {
+                    b.finish();
+                }
+                eval_bar = Some(Progress::new("evaluating", "images", images as u64, 0));
+            }
+            Event::EvalBatch { images } => {
+                if let Some(b) = &mut eval_bar {
+                    b.inc(images as u64);
+                }
+            }
+            Event::Epoch(r) => {
+                if let Some(b) = bar.take().or(eval_bar.take()) {
+                    b.finish();
+                }
+                let val = match (r.val_loss, r.val_top1, r.val_top5) {
+                    (Some(l), Some(t1), Some(t5)) => format!(
+                        "; val loss {l:.4}, top-1 {:.2}%, top-5 {:.2}%",
+                        100.0 * t1,
+                        100.0 * t5
+                    ),
+                    _ => String::new(),
+                };
+                eprintln!(
+                    "epoch {}: train loss {:.4}, top-1 {:.2}%{val} ({:.0} s)",
+                    r.epoch,
+                    r.train_loss,
+                    100.0 * r.train_top1,
+                    r.seconds
+                );
+            }
+            Event::Checkpoint(_) => {}
+        }
+        ControlFlow::Continue(())
+    })?;
+    if skipped > 0 {
+        eprintln!("{skipped} unreadable images were skipped (listed above)");
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Training mode through candle's `ModuleT`, which `AlexNet`'s own `Module` impl cannot give.
+
+use std::cell::RefCell;
+
+use candle_core::{ModuleT, Tensor};
+
+use super::{AlexNet, Mode, Tap};
+use crate::rng::Rng;
+
+/// AlexNet in training mode for code written against candle's [`ModuleT`], from
+/// [`AlexNet::train_view`].
+///
+/// `AlexNet` implements [`candle_core::Module`] (eval mode, as users expect), and candle
+/// implements `ModuleT` for every `Module` by ignoring `train`: `x.apply_t(&model, true)` runs
+/// **without** dropout. This view implements only `ModuleT`, so it cannot be mistaken for that:
+/// `forward_t(x, true)` applies dropout (and the frozen prefix, if any), `forward_t(x, false)`
+/// is eval mode.
+///
+/// Dropout masks come from candle's RNG, which cannot be seeded on the CPU, unless
+/// [`TrainView::with_rng`] gives the crate's seeded [`Rng`] (what the trainer does, so that runs
+/// are reproducible).
+///
+/// ```
+/// use candle_core::{DType, Device, ModuleT, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// use candle_zoo::models::alexnet::{AlexNet, Config, Tap};
+/// use candle_zoo::rng::Rng;
+///
+/// let varmap = VarMap::new();
+/// let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+/// let cfg = Config::torchvision().with_widths([8, 8, 8, 8, 8], 16).with_classes(3);
+/// let model = AlexNet::new(&cfg, vb)?;
+/// let x = Tensor::ones((2, 3, 64, 64), DType::F32, &Device::Cpu)?;
+///
+/// // Generic candle code sees training mode only through the view.
+/// fn logits<M: ModuleT>(m: &M, x: &Tensor) -> candle_core::Result<Tensor> {
+///     x.apply_t(m, true)
+/// }
+/// let mut rng = Rng::new(7);
+/// let view = model.train_view().with_rng(&mut rng).freeze_through(Tap::Fc7);
+/// let trained = logits(&view, &x)?;
+/// let grads = trained.sum_all()?.backward()?;
+/// assert!(grads.get(model.fc8.weight()).is_some());
+/// assert!(grads.get(model.fc7.weight()).is_none()); // frozen: never computed
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct TrainView<'a> {
+    model: &'a AlexNet,
+    rng: RefCell<Option<&'a mut Rng>>,
+    frozen: Option<Tap>,
+}
+
+impl<'a> TrainView<'a> {
+    pub(super) fn new(model: &'a AlexNet) -> Self {
+        Self {
+            model,
+            rng: RefCell::new(None),
+            frozen: None,
+        }
+    }
+
+    /// Draws the dropout masks from `rng` instead of candle's unseeded generator.
+    pub fn with_rng(self, rng: &'a mut Rng) -> Self {
+        Self {
+            rng: RefCell::new(Some(rng)),
+            ..self
+        }
+    }
+
+    /// Freezes the layers up to and including `tap`: their output is detached from the graph,
+    /// so a backward pass computes no gradient for them (or for anything before them).
+    pub fn freeze_through(self, tap: impl Into<Option<Tap>>) -> Self {
+        Self {
+            frozen: tap.into(),
+            ..self
+        }
+    }
+
+    /// The model seen through this view.
+    pub fn model(&self) -> &'a AlexNet {
+        self.model
+    }
+}
+
+impl ModuleT for TrainView<'_> {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if !train {
+            return Ok(self.model.run(x, Tap::Fc8, Mode::Eval, |_, _| {})?);
+        }
+        let mut rng = self.rng.borrow_mut();
+        let mode = Mode::Train {
+            rng: rng.as_deref_mut(),
+            frozen: self.frozen,
+        };
+        Ok(self.model.run(x, Tap::Fc8, mode, |_, _| {})?)
+    }
+}

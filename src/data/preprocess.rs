@@ -339,7 +339,11 @@ impl Preprocess {
             Resize::Exact(w, h) => (w as usize, h as usize) == (mean.width, mean.height),
             Resize::ShorterSide(_) => false,
         };
-        if !fits || mean.values.len() != 3 * mean.height * mean.width {
+        let len = mean
+            .height
+            .checked_mul(mean.width)
+            .and_then(|n| n.checked_mul(3));
+        if !fits || len != Some(mean.values.len()) {
             return Err(Error::Invalid(format!(
                 "a {}x{} mean image needs images resized to exactly that size; this pipeline \
                  resizes to {:?}",

@@ -20,7 +20,7 @@
 
 use candle_core::{DType, Result, Shape, Tensor};
 
-use super::cpu::{apply, matmul, matmul_few_rows, relu_grad, Split, WeightOp};
+use super::cpu::{apply, checked_elems, matmul, matmul_few_rows, relu_grad, Split, WeightOp};
 
 /// The op's name in error messages.
 const OP: &str = "linear";
@@ -62,6 +62,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) ->
     }
     let (n, inp) = x.dims2()?;
     let (out, w_in) = weight.dims2()?;
+    checked_elems(OP, "input", &[n, inp])?;
+    checked_elems(OP, "weight", &[out, w_in])?;
+    checked_elems(OP, "output", &[n, out])?;
     if w_in != inp {
         candle_core::bail!(
             "{OP}: input of shape {:?} does not fit a weight of shape {:?} ({inp} features in, \
@@ -79,7 +82,7 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, relu: bool) ->
             );
         }
     }
-    if n * inp * out == 0 {
+    if n == 0 || inp == 0 || out == 0 {
         return linear_candle(x, weight, bias, relu);
     }
     apply(LinearOp { n, inp, out, relu }, x, weight, bias)

@@ -2,7 +2,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape
 use candle_nn::Module;
 use rayon::prelude::*;
 
-use super::cpu::cpu_f32;
+use super::cpu::{checked_elems, cpu_f32};
 
 /// Local response normalization across channels, as in Caffe's `LRN` (`ACROSS_CHANNELS`),
 /// PyTorch's `nn.LocalResponseNorm` and ONNX `LRN`:
@@ -62,6 +62,7 @@ impl Module for LocalResponseNorm {
         if self.size == 0 {
             candle_core::bail!("LocalResponseNorm: size must be at least 1");
         }
+        checked_elems("LocalResponseNorm", "input", x.dims())?;
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             x.contiguous()?.apply_op1(LrnOp(*self))
         } else {

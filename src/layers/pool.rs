@@ -1,6 +1,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use candle_nn::Module;
+
+use super::cpu::checked_elems;
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -64,6 +66,7 @@ pub fn pooled_size(input: usize, kernel: usize, stride: usize, ceil_mode: bool) 
 /// ```
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, ceil_mode: bool) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
+    checked_elems("max pool", "input", x.dims())?;
     // Validates the arguments for both paths.
     Geometry::new(h, w, kernel, stride, ceil_mode)?;
     let op = MaxPool2d {
@@ -359,12 +362,17 @@ fn for_plane_chunks<T: Send>(
 /// Contiguous `(N, C, H, W)` data of a CPU storage and its geometry, checked.
 fn cpu_input(op: &MaxPool2d, layout: &Layout) -> Result<(usize, usize, usize, Geometry)> {
     let (n, c, h, w) = layout.shape().dims4()?;
-    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg(format!(
-            "max pool: the CPU kernel needs a contiguous input, got strides {:?}",
-            layout.stride()
-        ))
-    })?;
+    let len = checked_elems("max pool", "input", layout.dims())?;
+    let (start, end) = layout
+        .contiguous_offsets()
+        .filter(|(start, end)| end - start == len)
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "max pool: the CPU kernel needs a contiguous input, got shape {:?} strides {:?}",
+                layout.dims(),
+                layout.stride()
+            ))
+        })?;
     Ok((start, end, n * c, op.geometry(h, w)?))
 }
 
@@ -510,6 +518,7 @@ impl AdaptiveAvgPool2d {
 impl Module for AdaptiveAvgPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
+        checked_elems("adaptive avg pool", "input", x.dims())?;
         if (h, w) == (self.out_h, self.out_w) {
             return Ok(x.clone());
         }

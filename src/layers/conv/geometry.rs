@@ -6,6 +6,8 @@ use std::ops::Range;
 use candle_core::{Result, Shape, Tensor};
 use candle_nn::Conv2dConfig;
 
+use crate::layers::cpu::checked_elems;
+
 /// Sizes of one convolution, checked: `n` images of `cin x h x w` to `cout x oh x ow`.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Geometry {
@@ -51,16 +53,28 @@ impl Geometry {
                 candle_core::bail!("conv2d: bias {:?} should be ({cout})", b.dims());
             }
         }
-        let out = |input: usize, k: usize| {
-            let span = dilation * k.saturating_sub(1) + 1;
-            (input + 2 * pad).checked_sub(span).map(|s| s / stride + 1)
+        checked_elems("conv2d", "input", x.dims())?;
+        checked_elems("conv2d", "weight", weight.dims())?;
+        // In checked arithmetic: a huge padding or dilation must not wrap around.
+        let out = |input: usize, k: usize| -> Result<Option<usize>> {
+            let span = dilation
+                .checked_mul(k.saturating_sub(1))
+                .and_then(|s| s.checked_add(1));
+            let padded = pad.checked_mul(2).and_then(|p| p.checked_add(input));
+            match (padded, span) {
+                (Some(padded), Some(span)) => Ok(padded.checked_sub(span).map(|s| s / stride + 1)),
+                _ => candle_core::bail!(
+                    "conv2d: padding {pad} or dilation {dilation} is too large for any input"
+                ),
+            }
         };
-        let (Some(oh), Some(ow)) = (out(h, kh), out(w, kw)) else {
+        let (Some(oh), Some(ow)) = (out(h, kh)?, out(w, kw)?) else {
             candle_core::bail!(
                 "conv2d: input {h}x{w} with padding {pad} is smaller than the {kh}x{kw} kernel \
                  (dilation {dilation})"
             );
         };
+        checked_elems("conv2d", "output", &[n, cout, oh, ow])?;
         Ok(Self {
             n,
             cin,

@@ -407,7 +407,9 @@ unsafe fn kernel(kc: usize, u: *const f32, v: *const f32, m: *mut f32, ldm: usiz
     let mut acc = [[_mm256_setzero_ps(); 2]; TR];
     for c in 0..kc {
         let (u, v) = (u.add(c * KR), v.add(c * TR));
-        _mm_prefetch::<_MM_HINT_T0>(u.add(64 * KR) as *const i8);
+        // A hint, possibly past `u`'s end: `wrapping_add` forms the address without `add`'s
+        // in-bounds requirement.
+        _mm_prefetch::<_MM_HINT_T0>(u.wrapping_add(64 * KR) as *const i8);
         let (a0, a1) = (_mm256_loadu_ps(u), _mm256_loadu_ps(u.add(8)));
         for (j, acc) in acc.iter_mut().enumerate() {
             let b = _mm256_broadcast_ss(&*v.add(j));

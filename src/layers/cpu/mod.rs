@@ -15,6 +15,23 @@ use std::borrow::Cow;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, Storage};
 
+/// The number of elements of an operand's `dims`, or an error naming the operand (`what` of
+/// op `op`) when it does not fit in memory. candle's own count wraps around in release builds
+/// (a `((1 << 63) + 1, 2)` tensor over 2 floats passes its checks), and a kernel trusting it
+/// would index past its buffer: every op checks its operands and results here first.
+pub(crate) fn checked_elems(op: &str, what: &str, dims: &[usize]) -> Result<usize> {
+    // A buffer of f32 (or f64) must fit in `isize::MAX` bytes.
+    const MAX: usize = isize::MAX as usize / 8;
+    dims.iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= MAX)
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{op}: the {what} of shape {dims:?} has more elements than fit in memory"
+            ))
+        })
+}
+
 /// The contiguous f32 data of a CPU storage, checked against the `len` elements that op `op`
 /// expects of its operand `what` (both named in the error).
 pub(crate) fn cpu_f32<'a>(

@@ -29,6 +29,7 @@ const MR: usize = 6;
 /// Columns of a broadcast register tile, and of a packed panel of `b`.
 const NR: usize = 16;
 /// How far ahead (in elements) a broadcast tile prefetches the rows of `a`.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH: usize = 128;
 /// Bytes of `b` meant to stay in L2 while the rows of `a` stream past: sets the `k` block.
 const B_BLOCK_BYTES: usize = 256 * 1024;
@@ -205,14 +206,19 @@ unsafe fn wide_tile<const RR: usize>(
     let mut acc = [[_mm256_setzero_ps(); 2]; RR];
     for p in 0..k {
         let row = b.add(p * ldb);
-        // The next tile's line of this row, which the next block reads from memory.
-        _mm_prefetch::<_MM_HINT_T0>(row.add(NR).cast());
+        // The next tile's line of this row, which the next block reads from memory. A hint
+        // only: the address may lie past the row's end (`wrapping_add`: no pointer past an
+        // allocation is ever formed with `add`).
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR).cast());
         let (b0, b1) = if full {
             (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)))
         } else {
+            // With 8 columns or fewer, `m1` is all zeros and the second half is past the row:
+            // masked-off lanes are never read, and `wrapping_add` forms the address without
+            // `add`'s in-bounds requirement.
             (
                 _mm256_maskload_ps(row, m0),
-                _mm256_maskload_ps(row.add(8), m1),
+                _mm256_maskload_ps(row.wrapping_add(8), m1),
             )
         };
         let a = a.add(p * a_cs);
@@ -231,7 +237,7 @@ unsafe fn wide_tile<const RR: usize>(
             } else {
                 (
                     _mm256_maskload_ps(out, m0),
-                    _mm256_maskload_ps(out.add(8), m1),
+                    _mm256_maskload_ps(out.wrapping_add(8), m1),
                 )
             };
             v0 = _mm256_add_ps(v0, c0);
@@ -242,7 +248,7 @@ unsafe fn wide_tile<const RR: usize>(
             _mm256_storeu_ps(out.add(8), v1);
         } else {
             _mm256_maskstore_ps(out, m0, v0);
-            _mm256_maskstore_ps(out.add(8), m1, v1);
+            _mm256_maskstore_ps(out.wrapping_add(8), m1, v1);
         }
     }
 }
@@ -355,7 +361,8 @@ unsafe fn broadcast_tile(
     while p < lines {
         // One cache line of each row of `a` per 16 steps: fetch the line PREFETCH steps ahead.
         for row in rows {
-            _mm_prefetch::<_MM_HINT_T0>(row.add(p + PREFETCH).cast());
+            // A hint, possibly past the row's end: `wrapping_add`, as above.
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(p + PREFETCH).cast());
         }
         for q in p..p + 16 {
             step(q, &mut acc);

@@ -392,7 +392,7 @@ fn blob_param(b: &BlobProto) -> std::result::Result<Param, String> {
     } else {
         b.double_data.iter().map(|&v| v as f32).collect()
     };
-    let numel: usize = shape.iter().product();
+    let numel = super::checked_numel(&shape)?;
     if numel != data.len() {
         return Err(format!(
             "shape {shape:?} holds {numel} values but the blob has {}",
@@ -432,4 +432,32 @@ pub fn read_mean_image(path: impl AsRef<Path>) -> Result<MeanImage> {
 /// classifier subtracts.
 pub fn read_mean_binaryproto(path: impl AsRef<Path>) -> Result<[f32; 3]> {
     Ok(read_mean_image(path)?.channel_means())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 3 x 7 x 0x6DB6DB6DB6DB6DB7 values wrap around to the 3 the blob holds (7 times that
+    /// width is 1 modulo 2^64): a crafted mean file of a few dozen bytes must be an error, not a
+    /// mean image whose planes lie about their size.
+    #[test]
+    fn a_blob_whose_shape_overflows_is_refused() {
+        let blob = BlobProto {
+            shape: Some(BlobShape {
+                dim: vec![1, 3, 7, 0x6DB6_DB6D_B6DB_6DB7],
+            }),
+            data: vec![1.0, 2.0, 3.0],
+            ..Default::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crafted.binaryproto");
+        std::fs::write(&path, blob.encode_to_vec()).unwrap();
+        let err = read_mean_image(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("crafted.binaryproto") && err.contains("more values than fit"),
+            "{err}"
+        );
+        assert!(std::fs::metadata(&path).unwrap().len() < 64);
+    }
 }

@@ -265,6 +265,15 @@ pub fn convert(path: impl AsRef<Path>, options: &ConvertOptions) -> Result<Conve
     })
 }
 
+/// The number of values of a source tensor's shape, or an error: a crafted file can declare
+/// dimensions whose product wraps around to its data's length.
+pub(crate) fn checked_numel(shape: &[usize]) -> std::result::Result<usize, String> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} has more values than fit in memory"))
+}
+
 /// A weight or bias as read from the source, row-major.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Param {

@@ -144,7 +144,7 @@ fn tensor_param(t: &TensorProto) -> std::result::Result<Param, String> {
             ))
         }
     };
-    let numel: usize = shape.iter().product();
+    let numel = super::checked_numel(&shape)?;
     if numel != data.len() {
         return Err(format!(
             "dims {shape:?} hold {numel} values but the tensor has {}",
@@ -313,4 +313,21 @@ pub(crate) fn read_onnx(path: &Path, bytes: &[u8]) -> Result<SourceNet> {
         name: graph.name.or(model.producer_name).unwrap_or_default(),
         ops,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_whose_dims_overflow_is_refused() {
+        let t = TensorProto {
+            dims: vec![3, 7, 0x6DB6_DB6D_B6DB_6DB7],
+            data_type: Some(FLOAT),
+            float_data: vec![1.0, 2.0, 3.0],
+            ..Default::default()
+        };
+        let err = tensor_param(&t).unwrap_err();
+        assert!(err.contains("more values than fit"), "{err}");
+    }
 }

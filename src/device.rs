@@ -69,17 +69,27 @@ impl DeviceChoice {
             Self::Cpu => Ok(Device::Cpu),
             Self::Cuda(n) => open(&format!("cuda:{n}"), "cuda", Device::new_cuda(n)),
             Self::Metal(n) => open(&format!("metal:{n}"), "metal", Device::new_metal(n)),
-            Self::Auto => {
-                if candle_core::utils::cuda_is_available() {
-                    open("cuda:0", "cuda", Device::new_cuda(0))
-                } else if candle_core::utils::metal_is_available() {
-                    open("metal:0", "metal", Device::new_metal(0))
-                } else {
-                    Ok(Device::Cpu)
-                }
-            }
+            Self::Auto => Ok(first_that_opens(&[
+                (candle_core::utils::cuda_is_available(), &|| {
+                    Device::new_cuda(0)
+                }),
+                (candle_core::utils::metal_is_available(), &|| {
+                    Device::new_metal(0)
+                }),
+            ])),
         }
     }
+}
+
+/// The first of the compiled-in backends (`(compiled, open)`) whose device opens, else the
+/// CPU. candle's `cuda_is_available` says only whether the build has CUDA, so a CUDA build on a
+/// machine without a GPU (or its driver) must try, and fall back.
+fn first_that_opens(backends: &[(bool, &dyn Fn() -> candle_core::Result<Device>)]) -> Device {
+    backends
+        .iter()
+        .filter(|(compiled, _)| *compiled)
+        .find_map(|(_, open)| open().ok())
+        .unwrap_or(Device::Cpu)
 }
 
 /// A short name for a device, for logs and metadata.
@@ -88,5 +98,22 @@ pub fn describe(device: &Device) -> String {
         candle_core::DeviceLocation::Cpu => "cpu".to_string(),
         candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_falls_back_to_the_cpu_when_a_compiled_in_device_does_not_open() {
+        let missing = || -> candle_core::Result<Device> { candle_core::bail!("no CUDA driver") };
+        assert!(first_that_opens(&[(true, &missing), (true, &missing)]).is_cpu());
+        let never_tried = || -> candle_core::Result<Device> { panic!("not compiled in") };
+        assert!(first_that_opens(&[(false, &never_tried)]).is_cpu());
+        assert!(
+            DeviceChoice::Auto.device().unwrap().is_cpu()
+                || cfg!(any(feature = "cuda", feature = "metal"))
+        );
     }
 }

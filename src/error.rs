@@ -98,6 +98,10 @@ pub enum Error {
         checksum: String,
     },
 
+    /// Another run holds the lock of an output this run would write.
+    #[error("{}: another run is writing this output ({holder}); wait for it to end", path.display())]
+    Locked { path: PathBuf, holder: String },
+
     /// An output's work folder holds an interrupted run, which a new run will not overwrite.
     #[error("{}: holds an interrupted run; resume it, or delete the folder to start again", work.display())]
     Interrupted { work: PathBuf },

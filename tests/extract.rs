@@ -459,6 +459,20 @@ fn extract_fc7_example_end_to_end() {
         "2".into(),
         many.clone().into_os_string(),
     ]);
+
+    // While another run writes an output (here this process holds its lock), a run on it fails
+    // at once, naming the lock and its holder.
+    let held =
+        candle_zoo::io::OutputLock::acquire(dir.path().join("killed.safetensors.lock")).unwrap();
+    let refused = extract_cli(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && stderr.contains("killed.safetensors.lock")
+            && stderr.contains(&format!("pid {}", std::process::id())),
+        "{stderr}"
+    );
+    drop(held);
     let mut child = extract_cli(&args)
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -256,8 +256,8 @@ fn bad_runs_are_refused_with_clear_errors() {
 
     let err = Trainer::resume(
         dir.path().join("nothing"),
-        train,
-        Some(val),
+        train.clone(),
+        Some(val.clone()),
         None,
         None,
         &Device::Cpu,
@@ -266,6 +266,33 @@ fn bad_runs_are_refused_with_clear_errors() {
     .unwrap()
     .to_string();
     assert!(err.contains("nothing to resume"), "{err}");
+
+    // One run per output folder: a second fails at once, naming the first; killed writes'
+    // temporary files are cleared by the next run.
+    let out = dir.path().join("b");
+    std::fs::create_dir(&out).unwrap();
+    let stale = out.join(".checkpoint.safetensors.tmp-K1ll3d");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
+    let start = || {
+        Trainer::new(
+            &small_model(),
+            Preprocess::torchvision().scaled_to(64),
+            train.clone(),
+            Some(val.clone()),
+            settings(1),
+            &out,
+            &Device::Cpu,
+        )
+    };
+    let first = start().unwrap();
+    assert!(!stale.exists());
+    let err = start().err().unwrap().to_string();
+    assert!(
+        err.contains("another run") && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(first);
+    start().unwrap();
 }
 
 #[test]

@@ -299,7 +299,7 @@ impl Job {
         for &index in &self.order[from..to] {
             let (path, label) = &self.dataset.samples[index];
             let mut rng = Rng::stream(self.seed, &[self.epoch, index as u64]);
-            match self.augment.load(path, &mut rng) {
+            match super::guard_decode(path, || self.augment.load(path, &mut rng)) {
                 Ok(values) => {
                     batch.images.extend_from_slice(&values);
                     batch.labels.push(*label as u32);

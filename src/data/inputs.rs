@@ -1,5 +1,6 @@
 //! Image inputs for batch jobs: files, folders searched recursively, and `@lists`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -62,13 +63,28 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 /// Appends the files under `dir` (recursively, following symlinked folders) whose extension is
 /// one of `extensions` (case-insensitive), skipping names that start with `.` when
-/// `skip_hidden`. Unsorted.
+/// `skip_hidden`. Unsorted. Each folder is searched once, however many links lead to it, so a
+/// link back up the tree (`x -> .`) adds nothing and cannot loop.
 pub(crate) fn walk_images(
     dir: &Path,
     extensions: &[&str],
     skip_hidden: bool,
     out: &mut Vec<PathBuf>,
 ) -> Result<()> {
+    walk_once(dir, extensions, skip_hidden, out, &mut HashSet::new())
+}
+
+fn walk_once(
+    dir: &Path,
+    extensions: &[&str],
+    skip_hidden: bool,
+    out: &mut Vec<PathBuf>,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<()> {
+    let real = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+    if !seen.insert(real) {
+        return Ok(());
+    }
     for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
         let path = entry.path();
@@ -81,7 +97,7 @@ pub(crate) fn walk_images(
         }
         let kind = entry.file_type().map_err(|e| Error::io(&path, e))?;
         if kind.is_dir() || (kind.is_symlink() && path.is_dir()) {
-            walk_images(&path, extensions, skip_hidden, out)?;
+            walk_once(&path, extensions, skip_hidden, out, seen)?;
         } else if path
             .extension()
             .and_then(|e| e.to_str())
@@ -91,4 +107,24 @@ pub(crate) fn walk_images(
         }
     }
     Ok(())
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// Links back up the tree once listed every image 41 times (one `x -> .`), and two of them
+    /// made millions of folder visits.
+    #[test]
+    fn links_back_up_the_tree_add_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("a.jpg"), b"").unwrap();
+        std::fs::write(root.join("sub/b.png"), b"").unwrap();
+        std::os::unix::fs::symlink(".", root.join("x")).unwrap();
+        std::os::unix::fs::symlink("..", root.join("sub/up")).unwrap();
+        let found = collect_images(&[root.to_str().unwrap()]).unwrap();
+        assert_eq!(found, [root.join("a.jpg"), root.join("sub/b.png")]);
+    }
 }

@@ -86,7 +86,11 @@ impl BatchLoader {
             let from = skip + b * batch_size;
             let to = (from + batch_size).min(paths.len());
             let items = (from..to)
-                .map(|i| (i, paths[i].clone(), preprocess.load_pixels(&paths[i])))
+                .map(|i| {
+                    let path = &paths[i];
+                    let pixels = guard_decode(path, || preprocess.load_pixels(path));
+                    (i, path.clone(), pixels)
+                })
                 .collect();
             Batch {
                 start: from,
@@ -139,8 +143,9 @@ pub(crate) fn check_batch_size(batch_size: usize) -> Result<()> {
 /// and stop (after their current item) when the pool is dropped. A worker that panics ends the
 /// iteration with an error naming the item that never arrived.
 pub(crate) struct OrderedPool<T> {
-    rx: Option<mpsc::Receiver<(usize, T)>>,
-    pending: BTreeMap<usize, T>,
+    /// `(index, job(index))`, or the message of a job that panicked.
+    rx: Option<mpsc::Receiver<(usize, std::result::Result<T, String>)>>,
+    pending: BTreeMap<usize, std::result::Result<T, String>>,
     next: usize,
     end: usize,
     /// `(next index the consumer wants, cancelled)`: what the workers wait on.
@@ -182,7 +187,12 @@ impl<T: Send + 'static> OrderedPool<T> {
                             break;
                         }
                     }
-                    if tx.send((i, job(i))).is_err() {
+                    // A job that panics must not end this thread silently: the consumer would wait
+                    // for its item while the other workers wait at the gate for the consumer.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(i)))
+                        .map_err(|p| panic_message(&*p));
+                    let failed = result.is_err();
+                    if tx.send((i, result)).is_err() || failed {
                         break;
                     }
                 })
@@ -215,14 +225,18 @@ impl<T: Send + 'static> Iterator for OrderedPool<T> {
                 Ok((i, item)) => {
                     self.pending.insert(i, item);
                 }
-                Err(_) => {
-                    // Every sender is gone before item `want` arrived: a worker panicked.
-                    self.next = self.end;
-                    self.stop();
-                    return Some(Err(Error::Invalid(format!(
-                        "a data loader worker stopped unexpectedly before batch {want}"
-                    ))));
-                }
+                // Every sender is gone before item `want` arrived: a worker died.
+                Err(_) => break Err("it stopped without a result".into()),
+            }
+        };
+        let item = match item {
+            Ok(item) => item,
+            Err(why) => {
+                self.next = self.end;
+                self.stop();
+                return Some(Err(Error::Invalid(format!(
+                    "a data loader worker failed on batch {want}: {why}"
+                ))));
             }
         };
         self.next += 1;
@@ -232,6 +246,29 @@ impl<T: Send + 'static> Iterator for OrderedPool<T> {
         }
         cvar.notify_all();
         Some(Ok(item))
+    }
+}
+
+/// Runs `decode` on the image at `path`, turning a panic in a decoder (a corrupt file can
+/// trigger one) into that image's error, so that one bad file fails alone.
+pub(crate) fn guard_decode<T>(path: &Path, decode: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|p| {
+        Err(Error::Image {
+            path: path.to_path_buf(),
+            reason: format!("the decoder {}", panic_message(&*p)),
+        })
+    })
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(s), _) => format!("panicked: {s}"),
+        (_, Some(s)) => format!("panicked: {s}"),
+        _ => "panicked".into(),
     }
 }
 
@@ -301,7 +338,38 @@ mod tests {
         assert_eq!(got.len(), 3);
         assert!(matches!(got[..2], [Ok(0), Ok(1)]));
         let err = got[2].as_ref().unwrap_err().to_string();
-        assert!(err.contains("before batch 2"), "{err}");
+        assert!(
+            err.contains("batch 2") && err.contains("deliberate panic"),
+            "{err}"
+        );
+    }
+
+    /// With several workers, the survivors used to wait at the gate for a consumer that waited
+    /// for the dead worker's item: a deadlock. Now the pool ends with the panic's message.
+    #[test]
+    fn a_panic_among_several_workers_ends_the_pool_instead_of_hanging() {
+        let (done, result) = mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = OrderedPool::new(0..50, 3, 2, |i| {
+                assert!(i != 1, "deliberate panic in a worker");
+                std::thread::sleep(Duration::from_millis(2));
+                i
+            });
+            let _ = done.send(
+                pool.map(|r| r.map_err(|e| e.to_string()))
+                    .collect::<Vec<_>>(),
+            );
+        });
+        let got = result
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the pool hung");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], Ok(0));
+        let err = got[1].as_ref().unwrap_err();
+        assert!(
+            err.contains("batch 1") && err.contains("deliberate panic"),
+            "{err}"
+        );
     }
 
     #[test]

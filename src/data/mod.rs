@@ -35,4 +35,4 @@ pub use inputs::{collect_images, IMAGE_EXTENSIONS};
 pub use loader::{Batch, BatchLoader, Loaded};
 
 pub(crate) use inputs::walk_images;
-pub(crate) use loader::{check_batch_size, OrderedPool};
+pub(crate) use loader::{check_batch_size, guard_decode, OrderedPool};

@@ -132,11 +132,13 @@ pub fn evaluate(
     };
     if ten_crop {
         for (path, label) in data.samples() {
-            let crops = match augment
-                .preprocess
-                .open(path)
-                .and_then(|img| augment.ten_crop(&img))
-            {
+            let crops = crate::data::guard_decode(path, || {
+                augment
+                    .preprocess
+                    .open(path)
+                    .and_then(|img| augment.ten_crop(&img))
+            });
+            let crops = match crops {
                 Ok(c) => c,
                 Err(e) => {
                     let _ = observer(Event::Skipped { path, error: &e });

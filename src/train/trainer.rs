@@ -12,11 +12,12 @@ use super::eval::{evaluate, hits, Evaluation};
 use super::optim::{Scheduler, Sgd};
 use super::params::{build_model, param_groups, Start};
 use super::report::{write_confusion, write_metrics, EpochRecord};
-use super::{TrainConfig, BEST, CHECKPOINT, CONFUSION_CSV};
+use super::{TrainConfig, BEST, CHECKPOINT, CONFUSION_CSV, METRICS_CSV, METRICS_PNG};
 use crate::data::augment::Augment;
 use crate::data::dataset::{epoch_order, ImageFolder, LabelledLoader};
 use crate::data::preprocess::Preprocess;
 use crate::error::{Error, Result};
+use crate::io::OutputLock;
 use crate::models::alexnet::{AlexNet, Config};
 use crate::weights::save_safetensors;
 
@@ -69,6 +70,8 @@ pub struct Trainer {
     out: PathBuf,
     state: RunState,
     last_eval: Option<Evaluation>,
+    /// The output folder's lock, held for the trainer's life.
+    _lock: OutputLock,
 }
 
 /// Everything a run is made of, before the optimizer is built over the model.
@@ -80,6 +83,7 @@ struct Parts {
     val: Option<ImageFolder>,
     config: TrainConfig,
     out: PathBuf,
+    lock: OutputLock,
     state: RunState,
     scheduler: Scheduler,
 }
@@ -126,13 +130,14 @@ impl Trainer {
             }
         }
         let out = out.as_ref().to_path_buf();
+        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+        let lock = lock_output(&out)?;
         if out.join(CHECKPOINT).exists() {
             return Err(Error::Invalid(format!(
                 "{} already holds a run ({CHECKPOINT}): resume it, or choose another output folder",
                 out.display()
             )));
         }
-        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
         let start = Start::Fresh {
             seed: config.seed,
             pretrained: weights,
@@ -149,6 +154,7 @@ impl Trainer {
                 scheduler: Scheduler::new(config.schedule.clone(), config.sgd.lr),
                 config,
                 out,
+                lock,
             },
             None,
             device,
@@ -173,6 +179,7 @@ impl Trainer {
                 path.display()
             )));
         }
+        let lock = lock_output(&out)?;
         let saved = checkpoint::read(&path, device)?;
         for (split, data) in [("training", Some(&train)), ("validation", val.as_ref())] {
             if let Some(data) = data {
@@ -204,6 +211,7 @@ impl Trainer {
             val,
             config,
             out,
+            lock,
             state: saved.state,
             scheduler: saved.scheduler,
         };
@@ -240,6 +248,7 @@ impl Trainer {
             out: parts.out,
             state: parts.state,
             last_eval: None,
+            _lock: parts.lock,
         })
     }
 
@@ -433,4 +442,15 @@ impl Trainer {
         let _ = observer(Event::Checkpoint(&path));
         Ok(())
     }
+}
+
+/// The lock of a run's output folder (`.candle-zoo.lock` in it): one run per folder, a second
+/// fails at once. Holding it, the temporary files of a killed run's writes are removed.
+fn lock_output(out: &Path) -> Result<OutputLock> {
+    let lock = OutputLock::acquire(out.join(".candle-zoo.lock"))?.remove_on_release();
+    crate::io::remove_stale_temps(
+        out,
+        &[CHECKPOINT, BEST, METRICS_CSV, METRICS_PNG, CONFUSION_CSV],
+    )?;
+    Ok(lock)
 }

@@ -278,3 +278,118 @@ fn preprocessing_follows_metadata_then_layout() {
         );
     }
 }
+
+/// A `.pth` archive (`torch.save`'s layout, entries stored) holding `pickle` as `x/data.pkl`
+/// and `storages` as `x/data/<key>`.
+fn crafted_pth(dir: &Path, name: &str, pickle: &[u8], storages: &[(&str, &[u8])]) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join(name);
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("x/data.pkl", stored).unwrap();
+    zip.write_all(pickle).unwrap();
+    for (key, bytes) in storages {
+        zip.start_file(format!("x/data/{key}"), stored).unwrap();
+        zip.write_all(bytes).unwrap();
+    }
+    zip.finish().unwrap();
+    path
+}
+
+/// `{"w": _rebuild_tensor_v2(('storage', torch.FloatStorage, '0', 'cpu', numel), 0, size,
+/// stride, False, OrderedDict())}` as protocol-2 pickle bytes.
+fn state_dict_pickle(numel: u32, size: &[u32], stride: &[u32]) -> Vec<u8> {
+    let mut p = b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n(".to_vec();
+    p.extend_from_slice(b"(X\x07\x00\x00\x00storagectorch\nFloatStorage\nX\x01\x00\x00\x000");
+    p.extend_from_slice(b"X\x03\x00\x00\x00cpuJ");
+    p.extend_from_slice(&numel.to_le_bytes());
+    p.extend_from_slice(b"tQK\x00(");
+    for d in size {
+        p.push(b'J');
+        p.extend_from_slice(&d.to_le_bytes());
+    }
+    p.extend_from_slice(b"t(");
+    for s in stride {
+        p.push(b'J');
+        p.extend_from_slice(&s.to_le_bytes());
+    }
+    p.extend_from_slice(b"t\x89ccollections\nOrderedDict\n)RtRu.");
+    p
+}
+
+/// Crafted `.pth` files end in an error naming the file: no abort, no stack overflow, no
+/// panic, and memory bounded by the file (candle's own reader took 4 GB for the first, and
+/// overflowed the stack on the second).
+#[test]
+fn crafted_pth_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_err = |path: &Path| -> String {
+        match Checkpoint::open(path) {
+            Ok(ckpt) => ckpt.load(&Device::Cpu).unwrap_err().to_string(),
+            Err(e) => e.to_string(),
+        }
+    };
+    // A list that holds two references to the last one, 60 times over: 2^60 if copied.
+    let mut bomb = b"\x80\x02]q\x00".to_vec();
+    for _ in 0..60 {
+        bomb.extend_from_slice(b"](h\x00h\x00eq\x00");
+    }
+    bomb.push(b'.');
+    assert!(bomb.len() < 600);
+    // A megabyte of nested one-element tuples.
+    let mut nested = b"\x80\x02N".to_vec();
+    nested.extend(std::iter::repeat_n(0x85u8, (1 << 20) - 16));
+    nested.push(b'.');
+    // A rebuild call with one argument.
+    let malformed =
+        b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\nK\x01\x85Ru.".to_vec();
+    let cases: [(&str, Vec<u8>, &[(&str, &[u8])], &str); 5] = [
+        ("bomb.pth", bomb, &[], "not a state dict"),
+        ("nested.pth", nested, &[], "not a state dict"),
+        (
+            "malformed.pth",
+            malformed,
+            &[],
+            "_rebuild_tensor_v2 with 1 arguments",
+        ),
+        // 2^30 x 2^30 floats declared over a storage of 4.
+        (
+            "huge.pth",
+            state_dict_pickle(4, &[1 << 30, 1 << 30], &[1 << 30, 1]),
+            &[("0", &[0u8; 16])],
+            "reach past its storage of 4 elements",
+        ),
+        // A storage that declares more than its entry holds.
+        (
+            "short.pth",
+            state_dict_pickle(1 << 28, &[2, 2], &[2, 1]),
+            &[("0", &[0u8; 16])],
+            "holds 16 bytes",
+        ),
+    ];
+    for (name, pickle, storages, want) in cases {
+        let path = crafted_pth(dir.path(), name, &pickle, storages);
+        let msg = open_err(&path);
+        assert!(msg.contains(name) && msg.contains(want), "{name}: {msg}");
+    }
+    // The same pickle with a storage that fits loads.
+    let floats: Vec<u8> = [1f32, 2., 3., 4.]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let path = crafted_pth(
+        dir.path(),
+        "fine.pth",
+        &state_dict_pickle(4, &[2, 2], &[2, 1]),
+        &[("0", &floats)],
+    );
+    let ckpt = Checkpoint::open(&path).unwrap();
+    assert_eq!(ckpt.keys(), ["w"]);
+    let w = ckpt
+        .var_builder(DType::F32, &Device::Cpu)
+        .unwrap()
+        .get((2, 2), "w")
+        .unwrap();
+    assert_eq!(w.to_vec2::<f32>().unwrap(), [[1., 2.], [3., 4.]]);
+}

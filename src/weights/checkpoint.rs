@@ -64,11 +64,7 @@ impl Checkpoint {
             layout: None,
         };
         if got >= 4 && magic[..4] == *b"PK\x03\x04" {
-            let pth = candle_core::pickle::PthTensors::new(&path, None).map_err(|e| {
-                Error::checkpoint(&path, format!("not a readable PyTorch zip checkpoint: {e}"))
-            })?;
-            let mut keys: Vec<String> = pth.tensor_infos().keys().cloned().collect();
-            keys.sort();
+            let keys = super::pth::Pth::open(&path)?.keys();
             return Ok(opened(Format::Pth, keys, BTreeMap::new()));
         }
         if got >= 2 && magic[0] == 0x80 && magic[1] <= 5 {
@@ -188,14 +184,12 @@ impl Checkpoint {
             Format::Safetensors => unsafe {
                 VarBuilder::from_mmaped_safetensors(&[&self.path], dtype, device).map_err(err)
             },
-            Format::Pth => {
-                let pth = candle_core::pickle::PthTensors::new(&self.path, None).map_err(err)?;
-                Ok(VarBuilder::from_backend(
-                    Box::new(pth),
-                    dtype,
-                    device.clone(),
-                ))
-            }
+            // Read whole and checked by this crate's bounded reader (see `pth.rs`), not candle's.
+            Format::Pth => Ok(VarBuilder::from_tensors(
+                super::pth::tensors(&self.path)?,
+                dtype,
+                device,
+            )),
         }
     }
 

@@ -27,6 +27,7 @@ pub mod convert;
 #[cfg(feature = "pretrained")]
 pub mod hub;
 pub mod metadata;
+mod pth;
 mod registry;
 
 pub use checkpoint::{Checkpoint, Format};

@@ -20,9 +20,7 @@ pub(super) fn read_torch(path: &Path) -> Result<(SourceNet, Option<Layout>)> {
             .map_err(|e| Error::checkpoint(path, e))?
             .into_iter()
             .collect(),
-        Format::Pth => {
-            candle_core::pickle::read_all(path).map_err(|e| Error::checkpoint(path, e))?
-        }
+        Format::Pth => crate::weights::pth::tensors(path)?.into_iter().collect(),
     };
     let by_name: HashMap<&str, &Tensor> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let param = |key: &str| -> Result<Param> {

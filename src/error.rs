@@ -109,8 +109,12 @@ pub enum Error {
     /// A downloaded or local file does not have the expected checksum.
     #[error(
         "{}: checksum mismatch: expected {algorithm} {expected}, got {actual}; the file is \
-         corrupt or not the one the registry names",
-        path.display()
+         corrupt or not the one the registry names{}",
+        path.display(),
+        moved_to.as_ref().map_or(String::new(), |p| format!(
+            " (moved out of the cache to {}; the next attempt downloads it again)",
+            p.display()
+        ))
     )]
     Checksum {
         path: PathBuf,
@@ -118,6 +122,8 @@ pub enum Error {
         algorithm: &'static str,
         expected: String,
         actual: String,
+        /// Where a cached file that failed the check was moved.
+        moved_to: Option<PathBuf>,
     },
 
     /// An I/O error on a named file.

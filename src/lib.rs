@@ -32,7 +32,7 @@
 //!
 //! | feature | effect |
 //! |---|---|
-//! | `pretrained` | `weights::hub`: downloads from the Hugging Face hub (pulls in `hf-hub`, its HTTP client and progress bar) |
+//! | `pretrained` | `weights::hub`: downloads from the Hugging Face hub (pulls in an HTTP client, `ureq` with rustls) |
 //! | `cli` | `cli`: the examples' shared flags and progress display (pulls in clap and indicatif) |
 //! | `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` | candle's backends |
 

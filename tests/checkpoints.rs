@@ -344,7 +344,9 @@ fn crafted_pth_files_are_errors_naming_the_file() {
     // A rebuild call with one argument.
     let malformed =
         b"\x80\x02}(X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\nK\x01\x85Ru.".to_vec();
-    let cases: [(&str, Vec<u8>, &[(&str, &[u8])], &str); 5] = [
+    // (file, pickle, storages, what the error says)
+    type Case<'a> = (&'a str, Vec<u8>, &'a [(&'a str, &'a [u8])], &'a str);
+    let cases: [Case; 5] = [
         ("bomb.pth", bomb, &[], "not a state dict"),
         ("nested.pth", nested, &[], "not a state dict"),
         (

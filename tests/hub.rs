@@ -197,10 +197,120 @@ fn registry_default_is_pinned_to_a_commit_and_checksum() {
         msg.contains(copy.sha256) && msg.contains(&sha256_hex(&bytes)),
         "{msg}"
     );
-    // The download went to the pinned commit's snapshot.
-    let snapshot = cache
+    // The download went to the pinned commit, and failing its check, left the cache.
+    let repo = cache
         .path()
-        .join("models--theunnecessarythings--vision_models/snapshots")
-        .join(copy.revision);
-    assert!(snapshot.join(copy.file).exists(), "{}", snapshot.display());
+        .join("models--theunnecessarythings--vision_models");
+    let pinned = std::fs::read_to_string(repo.join("refs").join(copy.revision)).unwrap();
+    assert_eq!(pinned, copy.revision);
+    let Error::Checksum {
+        moved_to: Some(moved),
+        ..
+    } = &err
+    else {
+        panic!("{msg}")
+    };
+    assert_eq!(std::fs::read(moved).unwrap(), bytes);
+    assert!(!repo
+        .join("snapshots")
+        .join(copy.revision)
+        .join(copy.file)
+        .exists());
+}
+
+/// A hub that accepts the connection and never answers: the download fails within its
+/// timeout (0.1's client, hf-hub's, had none and waited for more than 75 s).
+#[test]
+fn a_silent_hub_times_out() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().take(4) {
+            held.push(stream);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(30));
+    });
+    let cache = tempfile::tempdir().unwrap();
+    let start = std::time::Instant::now();
+    let second = std::time::Duration::from_secs(1);
+    let err = hub(&endpoint, cache.path())
+        .with_timeouts(second, second)
+        .get(&HubFile::new(REPO, FILE))
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Hub(_)), "{msg}");
+    assert!(msg.contains("timed out"), "{msg}");
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// A checksum is all 64 hex digits: a prefix would let a one-character "checksum" pass.
+#[test]
+fn a_checksum_must_be_whole() {
+    let cache = tempfile::tempdir().unwrap();
+    for short in ["7", "7372cbb9", &"g".repeat(64)] {
+        let err = hub("http://127.0.0.1:9", cache.path())
+            .get(&HubFile::new(REPO, FILE).with_sha256(short))
+            .unwrap_err();
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
+}
+
+/// A cached file that fails its checksum is moved out of the cache (kept, for a look), and the
+/// next attempt downloads it again.
+#[test]
+fn a_file_that_fails_its_checksum_leaves_the_cache() {
+    let (bytes, _) = checkpoint_bytes();
+    let sha = sha256_hex(&bytes);
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start(vec![served(&bytes)]);
+    let h = hub(server.endpoint(), cache.path());
+    let file = HubFile::new(REPO, FILE).with_sha256(&sha);
+    let path = h.get(&file).unwrap();
+    // Damage the cached copy.
+    let blob = std::fs::canonicalize(&path).unwrap();
+    std::fs::write(&blob, b"not what was downloaded").unwrap();
+    let err = h.get(&file).unwrap_err();
+    let Error::Checksum {
+        moved_to: Some(moved),
+        ..
+    } = &err
+    else {
+        panic!("{err}")
+    };
+    assert!(err.to_string().contains("moved out of the cache"), "{err}");
+    assert_eq!(std::fs::read(moved).unwrap(), b"not what was downloaded");
+    assert!(!path.exists() && !blob.exists());
+    // Downloaded again, whole.
+    let again = h.get(&file).unwrap();
+    assert_eq!(std::fs::read(again).unwrap(), bytes);
+}
+
+/// Two processes (here threads) downloading the same file: the second waits for the first and
+/// uses its download (0.1's client, hf-hub's, failed the second after 5 s of waiting for its
+/// lock).
+#[test]
+fn concurrent_downloads_of_one_file_wait_for_each_other() {
+    let (bytes, _) = checkpoint_bytes();
+    let sha = sha256_hex(&bytes);
+    let cache = tempfile::tempdir().unwrap();
+    let server = HubServer::start_slow(vec![served(&bytes)], std::time::Duration::from_secs(6));
+    let file = HubFile::new(REPO, FILE).with_sha256(&sha);
+    let paths: Vec<_> = std::thread::scope(|s| {
+        let get = || {
+            let h = hub(server.endpoint(), cache.path());
+            let file = file.clone();
+            s.spawn(move || h.get(&file))
+        };
+        let (a, b) = (get(), get());
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    let paths: Vec<_> = paths.into_iter().map(|p| p.unwrap()).collect();
+    assert_eq!(paths[0], paths[1]);
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), bytes);
+    assert_eq!(server.downloads(), 1, "one download, shared");
 }

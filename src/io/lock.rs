@@ -4,6 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
@@ -31,7 +32,15 @@ impl OutputLock {
     /// Takes the lock file `path` (created if need be), or fails at once with
     /// [`Error::Locked`], which names the process that holds it.
     pub fn acquire(path: impl AsRef<Path>) -> Result<Self> {
+        Self::acquire_within(path, Duration::ZERO)
+    }
+
+    /// [`OutputLock::acquire`], waiting up to `wait` for another holder to let go: for work
+    /// that another process may be doing already (the same download), which this one can then
+    /// reuse.
+    pub fn acquire_within(path: impl AsRef<Path>, wait: Duration) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
+        let deadline = Instant::now() + wait;
         loop {
             let mut file = OpenOptions::new()
                 .read(true)
@@ -42,6 +51,10 @@ impl OutputLock {
                 .map_err(|e| Error::io(&path, e))?;
             match file.try_lock() {
                 Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
                 Err(std::fs::TryLockError::WouldBlock) => {
                     let holder = std::fs::read_to_string(&path).unwrap_or_default();
                     return Err(Error::Locked {

@@ -31,18 +31,35 @@ pub fn sha256_file(path: impl AsRef<Path>) -> Result<String> {
     Ok(digests(path)?.0)
 }
 
-/// Checks a file against a full SHA-256, or against a prefix of one (torchvision names its files
-/// `name-<first 8 hex digits of the sha256>.pth`).
+/// Checks a file against its SHA-256: all 64 hex digits (a prefix would let a one-character
+/// "checksum" pass).
+///
+/// ```
+/// use candle_zoo::weights::checksum::verify_sha256;
+/// let dir = tempfile::tempdir()?;
+/// let path = dir.path().join("f");
+/// std::fs::write(&path, b"abc")?;
+/// verify_sha256(&path, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")?;
+/// assert!(verify_sha256(&path, "ba7816bf").is_err());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub fn verify_sha256(path: impl AsRef<Path>, expected: &str) -> Result<()> {
     let path = path.as_ref();
-    let actual = sha256_file(path)?;
     let expected = expected.to_ascii_lowercase();
-    if expected.is_empty() || !actual.starts_with(&expected) {
+    if expected.len() != 64 || !expected.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Invalid(format!(
+            "`{expected}` is not a SHA-256 (64 hex digits) to check {} against",
+            path.display()
+        )));
+    }
+    let actual = sha256_file(path)?;
+    if actual != expected {
         return Err(Error::Checksum {
             path: path.to_path_buf(),
             algorithm: "sha256",
             expected,
             actual,
+            moved_to: None,
         });
     }
     Ok(())

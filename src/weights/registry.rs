@@ -237,6 +237,7 @@ impl AlexNetWeights {
                     .get(key)
                     .cloned()
                     .unwrap_or_else(|| "none recorded".into()),
+                moved_to: None,
             });
         }
         if converted.layout() != info.layout {

@@ -27,6 +27,7 @@ pub struct HubServer {
     endpoint: String,
     stop: Arc<AtomicBool>,
     requests: Arc<AtomicUsize>,
+    downloads: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -39,19 +40,30 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 impl HubServer {
     pub fn start(files: Vec<ServedFile>) -> Self {
+        Self::start_slow(files, Duration::ZERO)
+    }
+
+    /// A server that waits `delay` before each whole-file answer (not before the one-byte
+    /// answers that tell a file's metadata), one thread per connection.
+    pub fn start_slow(files: Vec<ServedFile>, delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1");
         listener.set_nonblocking(true).unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (stop2, requests2) = (stop.clone(), requests.clone());
+        let downloads = Arc::new(AtomicUsize::new(0));
+        let (stop2, requests2, downloads2) = (stop.clone(), requests.clone(), downloads.clone());
+        let files = Arc::new(files);
         let thread = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !stop2.load(Ordering::SeqCst) && Instant::now() < deadline {
                 match listener.accept() {
                     Ok((stream, _)) => {
                         requests2.fetch_add(1, Ordering::SeqCst);
-                        let _ = serve(stream, &files);
+                        let (files, downloads) = (files.clone(), downloads2.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(stream, &files, delay, &downloads);
+                        });
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(5))
@@ -64,8 +76,14 @@ impl HubServer {
             endpoint,
             stop,
             requests,
+            downloads,
             thread: Some(thread),
         }
+    }
+
+    /// Whole-file answers sent so far.
+    pub fn downloads(&self) -> usize {
+        self.downloads.load(Ordering::SeqCst)
     }
 
     pub fn endpoint(&self) -> &str {
@@ -86,7 +104,12 @@ impl Drop for HubServer {
     }
 }
 
-fn serve(stream: TcpStream, files: &[ServedFile]) -> std::io::Result<()> {
+fn serve(
+    stream: TcpStream,
+    files: &[ServedFile],
+    delay: Duration,
+    downloads: &AtomicUsize,
+) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -147,6 +170,10 @@ fn serve(stream: TcpStream, files: &[ServedFile]) -> std::io::Result<()> {
     };
     let etag = f.etag.clone().unwrap_or_else(|| sha256_hex(&f.bytes));
     let body = &f.bytes[start..=end];
+    if body.len() > 1 {
+        downloads.fetch_add(1, Ordering::SeqCst);
+        std::thread::sleep(delay);
+    }
     let status = if range.is_some() {
         "206 Partial Content"
     } else {

@@ -5,6 +5,7 @@
 //! cargo run --release --example extract-fc7 -- --out fc7.npy @list.txt extra.jpg
 //! cargo run --release --example extract-fc7 -- --weights alexnet.pth --layer pool5 --out p5.safetensors photos/
 //! cargo run --release --example extract-fc7 -- --out fc7.safetensors photos/ --resume   # after a kill
+//! cargo run --release --example extract-fc7 -- --shard 0/2 --out fc7-0.safetensors photos/  # one of 2
 //! ```
 //! Rows follow the input order (a folder's images sorted by path); `OUT` with the extension
 //! `csv` lists each image's row, or why it failed. Images that fail are skipped, reported, and
@@ -16,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_zoo::cli::{ModelArgs, Progress};
 use candle_zoo::data::features::{
-    extract_to, run_metadata, work_dir, FeatureFormat, FeatureWriter,
+    extract_to, work_dir, FeatureFormat, FeatureWriter, RunInfo, Shard,
 };
 use candle_zoo::data::{collect_images, BatchLoader};
 use candle_zoo::device;
@@ -61,6 +62,11 @@ struct Args {
     /// Replace --out if it exists.
     #[arg(long)]
     force: bool,
+
+    /// Extract only shard K of N (K from 0) of the inputs, into --out; `merge-features` joins
+    /// the N shards' outputs into the file one run would have written.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<Shard>,
 }
 
 fn main() -> Result<()> {
@@ -77,37 +83,48 @@ fn main() -> Result<()> {
     if args.out.exists() && !args.force && !resuming {
         bail!("{} exists; pass --force to replace it", args.out.display());
     }
-    let paths = collect_images(&args.inputs)?;
-    if paths.is_empty() {
+    let all = collect_images(&args.inputs)?;
+    if all.is_empty() {
         bail!("no images found in {}", args.inputs.join(" "));
     }
+    let paths = match args.shard {
+        Some(shard) => all[shard.range(all.len(), args.batch_size)].to_vec(),
+        None => all.clone(),
+    };
 
     let device = args.model.device()?;
     let loaded = args
         .model
         .load(&device)
         .with_context(|| args.model.context())?;
-    let metadata = run_metadata(
-        &args.model.source(),
-        loaded.model.layout(),
-        args.layer,
-        &loaded.preprocess,
-        concat!("candle-zoo ", env!("CARGO_PKG_VERSION"), " extract-fc7"),
-    );
-    let mut writer = FeatureWriter::create(&args.out, format, &paths, metadata, args.resume)
-        .with_context(|| {
-            format!(
-                "{} (--resume continues an interrupted run)",
-                args.out.display()
-            )
-        })?;
+    let source = args.model.source();
+    let metadata = RunInfo {
+        model: &source,
+        layout: loaded.model.layout(),
+        tap: args.layer,
+        preprocess: &loaded.preprocess,
+        producer: concat!("candle-zoo ", env!("CARGO_PKG_VERSION"), " extract-fc7"),
+        batch_size: args.batch_size,
+        inputs: &all,
+        shard: args.shard,
+    }
+    .metadata();
+    let mut writer = match FeatureWriter::create(&args.out, format, &paths, metadata, args.resume) {
+        Err(e @ candle_zoo::Error::Interrupted { .. }) => {
+            return Err(anyhow::Error::new(e).context("pass --resume to continue it"))
+        }
+        writer => writer?,
+    };
     let total = paths.len();
     let skip = writer.done();
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let part = args.shard.map_or(String::new(), |k| {
+        format!(" (shard {k} of {} images)", all.len())
+    });
     eprintln!(
-        "{} images, {} tap of {} ({} layout) on {}, batch {}, {} decoding threads{}",
+        "{} images{part}, {} tap of {} ({} layout) on {}, batch {}, {} decoding threads{}",
         total,
         args.layer,
         args.model.source(),

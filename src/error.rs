@@ -102,6 +102,10 @@ pub enum Error {
     #[error("{}: another run is writing this output ({holder}); wait for it to end", path.display())]
     Locked { path: PathBuf, holder: String },
 
+    /// A shard of a job that [`crate::data::features::merge`] cannot join.
+    #[error("shard {}: {reason}; nothing was merged", path.display())]
+    Shard { path: PathBuf, reason: String },
+
     /// An output's work folder holds an interrupted run, which a new run will not overwrite.
     #[error("{}: holds an interrupted run; resume it, or delete the folder to start again", work.display())]
     Interrupted { work: PathBuf },

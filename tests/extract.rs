@@ -9,7 +9,9 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use candle_zoo::data::features::{extract_to, work_dir, FeatureFormat, FeatureWriter, Summary};
+use candle_zoo::data::features::{
+    extract_to, merge, work_dir, FeatureFormat, FeatureWriter, RunInfo, Shard, Summary,
+};
 use candle_zoo::data::preprocess::Preprocess;
 use candle_zoo::data::{collect_images, BatchLoader};
 use candle_zoo::models::alexnet::{AlexNet, Config, Layout, Tap};
@@ -60,8 +62,32 @@ fn run(
     resume: bool,
 ) -> Option<Summary> {
     let meta = BTreeMap::from([("layer".to_string(), "fc7".to_string())]);
-    let mut writer =
-        FeatureWriter::create(out, FeatureFormat::Safetensors, paths, meta, resume).unwrap();
+    let format = FeatureFormat::Safetensors;
+    run_with(
+        model,
+        paths,
+        out,
+        format,
+        meta,
+        (batch, workers),
+        stop_after,
+        resume,
+    )
+}
+
+/// [`run`] with the file's format and metadata given.
+#[allow(clippy::too_many_arguments)]
+fn run_with(
+    model: &AlexNet,
+    paths: &[PathBuf],
+    out: &Path,
+    format: FeatureFormat,
+    meta: BTreeMap<String, String>,
+    (batch, workers): (usize, usize),
+    stop_after: Option<usize>,
+    resume: bool,
+) -> Option<Summary> {
+    let mut writer = FeatureWriter::create(out, format, paths, meta, resume).unwrap();
     let loader = BatchLoader::new(
         paths.to_vec(),
         Preprocess::torchvision(),
@@ -84,6 +110,38 @@ fn run(
         return None; // a "killed" run: the writer is dropped without finishing
     }
     Some(writer.finish().unwrap())
+}
+
+/// The metadata of a run over `all` (or shard `shard` of it) as extract-fc7 records it.
+fn job_metadata(all: &[PathBuf], shard: Option<Shard>, tap: Tap) -> BTreeMap<String, String> {
+    RunInfo {
+        model: "small",
+        layout: Layout::TorchVision,
+        tap,
+        preprocess: &Preprocess::torchvision(),
+        producer: "tests/extract.rs",
+        batch_size: 2,
+        inputs: all,
+        shard,
+    }
+    .metadata()
+}
+
+/// Runs shard `k` of `n` of `all` into `out` in batches of 2, as the single runs here do
+/// (stopping after `stop_after` batches, or resuming).
+fn run_shard(
+    model: &AlexNet,
+    all: &[PathBuf],
+    (k, n): (usize, usize),
+    out: &Path,
+    format: FeatureFormat,
+    stop_after: Option<usize>,
+    resume: bool,
+) {
+    let shard = Shard::new(k, n).unwrap();
+    let meta = job_metadata(all, Some(shard), Tap::Fc7);
+    let part = &all[shard.range(all.len(), 2)];
+    run_with(model, part, out, format, meta, (2, 2), stop_after, resume);
 }
 
 fn features(path: &Path) -> Vec<Vec<f32>> {
@@ -437,6 +495,50 @@ fn extract_fc7_example_end_to_end() {
     let again = extract_cli(&args).output().unwrap();
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
 
+    // The same job in 2 shards (separate processes), merged: the same bytes. The shards' batches
+    // are the single run's (batch 2 here), so their arithmetic is too.
+    let mut unsharded = base(&dir.path().join("unsharded.safetensors"));
+    unsharded.extend(["--batch-size".into(), "2".into(), photos.clone().into()]);
+    extract_cli(&unsharded).output().unwrap();
+    let mut shards = Vec::new();
+    for k in 0..2 {
+        let shard = dir.path().join(format!("fc7-{k}.safetensors"));
+        let mut args = base(&shard);
+        args.extend([
+            "--batch-size".into(),
+            "2".into(),
+            "--shard".into(),
+            format!("{k}/2").into(),
+        ]);
+        args.push(photos.clone().into());
+        let run = extract_cli(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            stderr.contains(&format!("shard {k}/2 of 6 images")),
+            "{stderr}"
+        );
+        shards.push(shard);
+    }
+    let merged = dir.path().join("merged.safetensors");
+    let merge = std::process::Command::new(common::example_bin("merge-features"))
+        .arg("--out")
+        .arg(&merged)
+        .args(&shards)
+        .output()
+        .unwrap();
+    assert!(
+        merge.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merge.stderr)
+    );
+    for ext in ["safetensors", "csv"] {
+        assert_eq!(
+            std::fs::read(merged.with_extension(ext)).unwrap(),
+            std::fs::read(dir.path().join("unsharded").with_extension(ext)).unwrap(),
+            ".{ext}"
+        );
+    }
+
     // Killed mid-way, then resumed: the same bytes as a run that was never stopped.
     let many = dir.path().join("many");
     std::fs::create_dir_all(&many).unwrap();
@@ -513,4 +615,147 @@ fn extract_fc7_example_end_to_end() {
         std::fs::read(killed.with_extension("csv")).unwrap(),
         std::fs::read(whole.with_extension("csv")).unwrap()
     );
+}
+
+/// Shards 0..N of a job, N = 1, 2, 3, merge to the bytes of one run over all the inputs
+/// (failed images, and so the rows' numbering, included), in safetensors and `.npy`; a shard
+/// stopped and resumed changes nothing.
+#[test]
+fn shards_merge_to_the_bytes_of_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = photo_dir(&dir.path().join("photos"));
+    let model = small_model();
+    for format in [FeatureFormat::Safetensors, FeatureFormat::Npy] {
+        let ext = format.name();
+        let whole = dir.path().join(format!("whole.{ext}"));
+        let meta = job_metadata(&all, None, Tap::Fc7);
+        run_with(&model, &all, &whole, format, meta, (2, 2), None, false);
+        for n in 1..=3 {
+            let shards: Vec<PathBuf> = (0..n)
+                .map(|k| dir.path().join(format!("s{n}-{k}.{ext}")))
+                .collect();
+            for (k, out) in shards.iter().enumerate() {
+                if n == 2 && k == 1 {
+                    // Stopped after its first batch, then resumed.
+                    run_shard(&model, &all, (k, n), out, format, Some(1), false);
+                    assert!(!out.exists() && work_dir(out).exists());
+                    run_shard(&model, &all, (k, n), out, format, None, true);
+                } else {
+                    run_shard(&model, &all, (k, n), out, format, None, false);
+                }
+            }
+            let merged = dir.path().join(format!("merged{n}.{ext}"));
+            // In any order.
+            let mut given = shards.clone();
+            given.reverse();
+            let summary = merge(&given, &merged).unwrap();
+            assert_eq!(summary.rows, 4);
+            assert_eq!(summary.failed.len(), 2);
+            let same = |a: &Path, b: &Path| std::fs::read(a).unwrap() == std::fs::read(b).unwrap();
+            assert!(same(&merged, &whole), "{ext}, {n} shards: features differ");
+            for sidecar in ["csv", "json"] {
+                let (m, w) = (
+                    merged.with_extension(sidecar),
+                    whole.with_extension(sidecar),
+                );
+                assert_eq!(m.exists(), w.exists());
+                assert!(
+                    !w.exists() || same(&m, &w),
+                    "{ext}, {n} shards: .{sidecar} differs"
+                );
+            }
+        }
+    }
+}
+
+/// A merge that cannot be right merges nothing, and names the shard at fault.
+#[test]
+fn merge_refuses_bad_shard_sets_naming_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = photo_dir(&dir.path().join("photos"));
+    let model = small_model();
+    let st = FeatureFormat::Safetensors;
+    let path = |name: &str| dir.path().join(name);
+    for (k, n) in [(0, 2), (1, 2), (0, 3), (2, 3)] {
+        run_shard(
+            &model,
+            &all,
+            (k, n),
+            &path(&format!("s{k}of{n}.safetensors")),
+            st,
+            None,
+            false,
+        );
+    }
+    // Shard 1/2 of another job (another tap), an unfinished shard 1/2, and a whole run.
+    let other = path("other.safetensors");
+    let meta = job_metadata(&all, Some(Shard::new(1, 2).unwrap()), Tap::Fc6);
+    let part = &all[Shard::new(1, 2).unwrap().range(all.len(), 2)];
+    run_with(&model, part, &other, st, meta, (2, 2), None, false);
+    let unfinished = path("unfinished.safetensors");
+    run_shard(&model, &all, (1, 2), &unfinished, st, Some(1), false);
+    let whole = path("whole.safetensors");
+    run_with(
+        &model,
+        &all,
+        &whole,
+        st,
+        job_metadata(&all, None, Tap::Fc7),
+        (2, 2),
+        None,
+        false,
+    );
+    let dup = path("dup.safetensors");
+    std::fs::copy(path("s0of2.safetensors"), &dup).unwrap();
+    std::fs::copy(path("s0of2.csv"), dup.with_extension("csv")).unwrap();
+
+    let s = |name: &str| path(name);
+    let cases: [(Vec<PathBuf>, &str, &str); 6] = [
+        (
+            vec![s("s0of3.safetensors"), s("s2of3.safetensors")],
+            "1/3",
+            "missing",
+        ),
+        (
+            vec![
+                s("s0of2.safetensors"),
+                s("dup.safetensors"),
+                s("s1of2.safetensors"),
+            ],
+            "dup.safetensors",
+            "twice",
+        ),
+        (
+            vec![s("s0of2.safetensors"), unfinished.clone()],
+            "unfinished.safetensors",
+            "unfinished",
+        ),
+        (
+            vec![s("s0of2.safetensors"), other.clone()],
+            "other.safetensors",
+            "layer",
+        ),
+        (
+            vec![s("s0of2.safetensors"), s("s2of3.safetensors")],
+            "s2of3.safetensors",
+            "another split",
+        ),
+        (vec![whole.clone()], "whole.safetensors", "records no shard"),
+    ];
+    for (i, (shards, names, says)) in cases.into_iter().enumerate() {
+        let out = path(&format!("merged{i}.safetensors"));
+        let err = merge(&shards, &out).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, candle_zoo::Error::Shard { .. })
+                && msg.contains(names)
+                && msg.contains(says)
+                && msg.contains("nothing was merged"),
+            "case {i}: {msg}"
+        );
+        assert!(
+            !out.exists() && !out.with_extension("csv").exists(),
+            "case {i}"
+        );
+    }
 }

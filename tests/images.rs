@@ -132,3 +132,31 @@ fn grayscale_and_alpha_images_become_rgb() {
         .unwrap();
     assert_eq!(t.dims(), &[2, 3, 224, 224]);
 }
+
+/// A cut file is a failure, not a grey-filled image: JPEG (whose decoder fills what is missing)
+/// and PNG, cut at many points.
+#[test]
+fn truncated_images_are_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets");
+    for name in ["rocket.jpg", "chelsea.png"] {
+        let bytes = std::fs::read(root.join(name)).unwrap();
+        for fraction in [0.05, 0.25, 0.5, 0.9, 0.999] {
+            let cut = (bytes.len() as f64 * fraction) as usize;
+            let path = dir.path().join(format!("cut-{cut}-{name}"));
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let err = Preprocess::torchvision()
+                .load(&path, &Device::Cpu)
+                .expect_err(&format!("{name} cut at {cut} of {} bytes", bytes.len()))
+                .to_string();
+            assert!(err.contains(&format!("cut-{cut}-{name}")), "{err}");
+        }
+    }
+    let jpeg = std::fs::read(root.join("rocket.jpg")).unwrap();
+    let half = dir.path().join("half.jpg");
+    std::fs::write(&half, &jpeg[..jpeg.len() / 2]).unwrap();
+    let err = Preprocess::torchvision()
+        .load(&half, &Device::Cpu)
+        .unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+}

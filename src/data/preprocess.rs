@@ -207,12 +207,16 @@ impl Preprocess {
             path: path.to_path_buf(),
             reason,
         };
-        let reader = image::ImageReader::open(path)
-            .map_err(|e| Error::io(path, e))?
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
             .with_guessed_format()
             .map_err(|e| Error::io(path, e))?;
-        if reader.format().is_none() {
-            return Err(image_err("unrecognised file format".into()));
+        match reader.format() {
+            None => return Err(image_err("unrecognised file format".into())),
+            // The JPEG decoder fills what a cut file lacks with grey: refuse it first, as PIL
+            // does ("image file is truncated").
+            Some(image::ImageFormat::Jpeg) => jpeg_is_whole(&bytes).map_err(image_err)?,
+            Some(_) => {}
         }
         let image = reader.decode().map_err(|e| image_err(e.to_string()))?;
         let (width, height) = (image.width(), image.height());
@@ -397,6 +401,57 @@ impl fmt::Display for Preprocess {
     }
 }
 
+/// Whether a JPEG's bytes hold every segment and scan up to its end-of-image marker: a file cut
+/// short (a download or copy that stopped) ends inside a segment or a scan instead.
+fn jpeg_is_whole(b: &[u8]) -> std::result::Result<(), String> {
+    let cut = |at: &str| format!("the file is truncated ({at}, no end-of-image marker)");
+    if !b.starts_with(&[0xFF, 0xD8]) {
+        return Err("not a JPEG: no start-of-image marker".into());
+    }
+    let mut i = 2;
+    loop {
+        // The next marker: 0xFF (and fill bytes) then its code; stray bytes are skipped, as
+        // decoders do.
+        while i < b.len() && b[i] != 0xFF {
+            i += 1;
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&marker) = b.get(i) else {
+            return Err(cut("after the last segment"));
+        };
+        i += 1;
+        match marker {
+            0xD9 => return Ok(()),
+            // Restart markers and TEM have no length.
+            0xD0..=0xD7 | 0x01 => {}
+            _ => {
+                let len = match b.get(i..i + 2) {
+                    Some(l) => u16::from_be_bytes([l[0], l[1]]) as usize,
+                    None => return Err(cut("in a segment's length")),
+                };
+                if len < 2 || i + len > b.len() {
+                    return Err(cut(&format!("in the segment of marker 0x{marker:02X}")));
+                }
+                i += len;
+                if marker == 0xDA {
+                    // A scan's entropy-coded data runs to the next marker other than a
+                    // stuffed 0xFF00 or a restart marker.
+                    loop {
+                        match (b.get(i), b.get(i + 1)) {
+                            (Some(0xFF), Some(0x00 | 0xD0..=0xD7)) => i += 2,
+                            (Some(0xFF), Some(_)) => break,
+                            (Some(_), _) => i += 1,
+                            (None, _) => return Err(cut("in a scan")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// torchvision's `CenterCrop` offset: `round((size - crop) / 2)`, with Python's round-half-even.
 fn centre_offset(size: u32, crop: u32) -> u32 {
     let d = size - crop;
@@ -411,6 +466,22 @@ fn centre_offset(size: u32, crop: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cut anywhere, a JPEG is refused; whole, it passes (the committed photo, and the same with
+    /// bytes after its end).
+    #[test]
+    fn truncated_jpegs_are_refused() {
+        let jpeg =
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/rocket.jpg")).unwrap();
+        jpeg_is_whole(&jpeg).unwrap();
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"trailing bytes");
+        jpeg_is_whole(&trailing).unwrap();
+        for cut in [3, 20, 600, jpeg.len() / 2, jpeg.len() - 3] {
+            let err = jpeg_is_whole(&jpeg[..cut]).unwrap_err();
+            assert!(err.contains("truncated"), "{cut}: {err}");
+        }
+    }
 
     #[test]
     fn centre_offset_rounds_half_to_even_like_python() {

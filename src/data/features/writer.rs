@@ -1,115 +1,16 @@
-//! Feature matrices for many images: extracted batch by batch, kept on disk as the job goes so
-//! that a killed run can resume, and published atomically as safetensors or `.npy` with a CSV
-//! manifest.
-//!
-//! A run writing `OUT` holds the lock `OUT.lock` (one run per output; a second fails at once)
-//! and keeps its work in the folder `OUT.partial/` (the rows so far, a manifest of the images
-//! done, and what the run is), flushed to disk batch by batch. [`FeatureWriter::finish`] writes
-//! the manifest and then `OUT` through temporary files and renames, then removes the folder: a
-//! run killed at any point, or stopped by a full disk, leaves either no `OUT` or a complete one,
-//! and a resumed run continues from its last whole batch.
-//!
-//! ```no_run
-//! use candle_core::Device;
-//! use candle_zoo::data::features::{extract_to, FeatureFormat, FeatureWriter};
-//! use candle_zoo::data::{collect_images, BatchLoader};
-//! use candle_zoo::models::alexnet::Tap;
-//! use candle_zoo::weights::AlexNetWeights;
-//!
-//! let device = Device::Cpu;
-//! let (model, preprocess) = AlexNetWeights::default().load(&device)?;
-//! let paths = collect_images(&["photos/"])?;
-//! let mut writer = FeatureWriter::create(
-//!     "fc7.safetensors", FeatureFormat::Safetensors, &paths, Default::default(), false)?;
-//! let loader = BatchLoader::new(paths, preprocess, 32, 2, writer.done())?;
-//! extract_to(&model, Tap::Fc7, loader, &mut writer, &device, |_| std::ops::ControlFlow::Continue(()))?;
-//! let summary = writer.finish()?;
-//! println!("{} rows of {} values", summary.rows, summary.dim);
-//! # Ok::<(), candle_zoo::Error>(())
-//! ```
+//! [`FeatureWriter`]: a run's rows and manifest kept on disk as it goes, resumable, and
+//! published atomically at the end.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-use super::preprocess::Preprocess;
-use super::BatchLoader;
+use super::{npy_header, parent, safetensors_header, sibling, work_dir, FeatureFormat, Summary};
 use crate::error::{Error, Result};
 use crate::io::{csv_field, OutputLock};
-use crate::models::alexnet::{AlexNet, Layout, Tap};
-
-/// The file format of the feature matrix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FeatureFormat {
-    /// One `[N, D]` f32 tensor named `features`, with string metadata.
-    Safetensors,
-    /// NumPy's `.npy` (`<f4`, C order); the metadata goes to a `.json` file beside it.
-    Npy,
-}
-
-impl FeatureFormat {
-    pub fn name(self) -> &'static str {
-        match self {
-            FeatureFormat::Safetensors => "safetensors",
-            FeatureFormat::Npy => "npy",
-        }
-    }
-}
-
-impl fmt::Display for FeatureFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for FeatureFormat {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "safetensors" | "st" => Ok(FeatureFormat::Safetensors),
-            "npy" | "numpy" => Ok(FeatureFormat::Npy),
-            _ => Err(Error::parse("feature format", s, "safetensors or npy")),
-        }
-    }
-}
-
-/// The name of the tensor in a features safetensors file.
-pub const FEATURES_KEY: &str = "features";
-
-/// What a feature file records about the run that made it (safetensors metadata, or the `.json`
-/// beside a `.npy`), and what a resumed run must match: the model (`model`: where its weights
-/// came from, in the caller's words; `layout`), the tap (`layer`), the input pipeline
-/// (`preprocess`) and the program (`producer`).
-///
-/// ```
-/// use candle_zoo::data::{features::run_metadata, preprocess::Preprocess};
-/// use candle_zoo::models::alexnet::{Layout, Tap};
-/// let meta = run_metadata("alexnet.safetensors", Layout::TorchVision, Tap::Fc7,
-///                         &Preprocess::torchvision(), "my-tool 1.0");
-/// assert_eq!(meta["layer"], "fc7");
-/// ```
-pub fn run_metadata(
-    model: &str,
-    layout: Layout,
-    tap: Tap,
-    preprocess: &Preprocess,
-    producer: &str,
-) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("model".to_string(), model.to_string()),
-        ("layout".to_string(), layout.to_string()),
-        ("layer".to_string(), tap.to_string()),
-        ("preprocess".to_string(), preprocess.to_string()),
-        ("producer".to_string(), producer.to_string()),
-    ])
-}
 
 /// What a run is, recorded in its work folder so that `--resume` continues only the same run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -125,19 +26,6 @@ struct Entry {
     index: usize,
     row: Option<usize>,
     error: Option<String>,
-}
-
-/// What a finished run wrote.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Summary {
-    pub features: PathBuf,
-    pub manifest: PathBuf,
-    /// Rows written (images that loaded).
-    pub rows: usize,
-    /// Values per row.
-    pub dim: usize,
-    /// `(path, reason)` of every image that failed.
-    pub failed: Vec<(PathBuf, String)>,
 }
 
 /// Appends feature rows for a list of inputs, in input order, and publishes them at the end.
@@ -308,6 +196,11 @@ impl FeatureWriter {
             n_rows,
             _lock: lock,
         })
+    }
+
+    /// How many inputs the run has.
+    pub fn total(&self) -> usize {
+        self.state.inputs.len()
     }
 
     /// How many inputs (from the start of the list) are already done: a resumed run skips them.
@@ -497,26 +390,6 @@ fn read_manifest(path: &Path) -> Result<(Vec<Entry>, u64)> {
     Ok((entries, valid as u64))
 }
 
-/// `out` with `suffix` added to its name: `fc7.safetensors.lock`.
-fn sibling(out: &Path, suffix: &str) -> PathBuf {
-    let mut name = out.file_name().unwrap_or_default().to_os_string();
-    name.push(suffix);
-    out.with_file_name(name)
-}
-
-/// The folder `out` is in.
-fn parent(out: &Path) -> &Path {
-    match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// The work folder of a run writing `out`: `OUT.partial`, beside it.
-pub fn work_dir(out: &Path) -> PathBuf {
-    sibling(out, ".partial")
-}
-
 /// What differs between an interrupted run and the one asked for now.
 fn difference(before: &RunState, now: &RunState) -> String {
     if before.format != now.format {
@@ -554,109 +427,9 @@ fn difference(before: &RunState, now: &RunState) -> String {
     }
 }
 
-fn safetensors_header(metadata: &BTreeMap<String, String>, n: usize, dim: usize) -> Vec<u8> {
-    let header = BTreeMap::from([
-        ("__metadata__".to_string(), serde_json::json!(metadata)),
-        (
-            FEATURES_KEY.to_string(),
-            serde_json::json!({
-                "data_offsets": [0, n * dim * 4],
-                "dtype": "F32",
-                "shape": [n, dim],
-            }),
-        ),
-    ]);
-    crate::io::safetensors::header_prefix(&header)
-}
-
-/// NumPy format 1.0: magic, version, header length, then a Python dict literal padded so that
-/// the data starts 64-byte aligned.
-fn npy_header(n: usize, dim: usize) -> Vec<u8> {
-    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({n}, {dim}), }}");
-    while !(10 + dict.len() + 1).is_multiple_of(64) {
-        dict.push(' ');
-    }
-    dict.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(dict.len() as u16).to_le_bytes());
-    out.extend_from_slice(dict.as_bytes());
-    out
-}
-
-/// Progress after each batch of [`extract_to`].
-#[derive(Debug, Clone)]
-pub struct BatchReport<'a> {
-    /// Inputs done so far, including those of earlier runs.
-    pub done: usize,
-    pub total: usize,
-    /// Images in this batch.
-    pub images: usize,
-    /// `(path, reason)` of this batch's failures.
-    pub failed: Vec<(&'a Path, String)>,
-}
-
-/// Runs `model` up to `tap` on every batch of `loader` and appends the rows (flattened, f32)
-/// to `writer`. `on_batch` sees each batch's progress; returning `ControlFlow::Break` stops
-/// after that batch, with everything so far on disk for a resumed run.
-pub fn extract_to(
-    model: &AlexNet,
-    tap: Tap,
-    loader: BatchLoader,
-    writer: &mut FeatureWriter,
-    device: &Device,
-    mut on_batch: impl FnMut(&BatchReport) -> ControlFlow<()>,
-) -> Result<()> {
-    let total = writer.state.inputs.len();
-    for batch in loader {
-        let batch = batch?;
-        let (tensor, ok) = batch.tensor(device)?;
-        let mut rows = match tensor {
-            Some(x) => {
-                let f = model.extract(&x, tap)?.flatten_from(1)?;
-                f.to_dtype(DType::F32)?
-                    .to_device(&Device::Cpu)?
-                    .to_vec2::<f32>()?
-            }
-            None => Vec::new(),
-        }
-        .into_iter();
-        debug_assert_eq!(rows.len(), ok.len());
-        let mut results = Vec::with_capacity(batch.items.len());
-        let mut failed = Vec::new();
-        for (index, path, loaded) in &batch.items {
-            match loaded {
-                Ok(_) => results.push((*index, Ok(rows.next().expect("one row per image")))),
-                Err(e) => {
-                    results.push((*index, Err(e.to_string())));
-                    failed.push((path.as_path(), e.to_string()));
-                }
-            }
-        }
-        writer.append(results)?;
-        let report = BatchReport {
-            done: writer.done(),
-            total,
-            images: batch.items.len(),
-            failed,
-        };
-        if on_batch(&report).is_break() {
-            break;
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn npy_header_is_64_byte_aligned_and_parsable() {
-        let h = npy_header(3, 4096);
-        assert_eq!(h.len() % 64, 0);
-        let text = std::str::from_utf8(&h[10..]).unwrap();
-        assert!(text.contains("'shape': (3, 4096)") && text.ends_with('\n'));
-    }
 
     /// Results for inputs `from..from + n`: even ones a 2-value row, odd ones an error message
     /// with a two-byte character in it.
@@ -813,13 +586,5 @@ mod tests {
             Ok(features) => assert_eq!(features, old_features, "new features, old manifest"),
             Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
         }
-    }
-
-    #[test]
-    fn work_dir_sits_beside_the_output() {
-        assert_eq!(
-            work_dir(Path::new("out/fc7.safetensors")),
-            Path::new("out/fc7.safetensors.partial")
-        );
     }
 }

@@ -388,14 +388,21 @@ fn npy_output_holds_the_same_matrix() {
 /// torchvision's pipeline on real photos (PIL decode, `Resize(256)`, `CenterCrop(224)`,
 /// `ToTensor`, `Normalize`) against the crate's, through the full-size torchvision model with
 /// the formula weights (`scripts/make_extract_fixtures.py`): fc7 rows agree to a cosine of at
-/// least 0.999. Fed torch's own crop, the crate's model gives torch's fc7 to 1e-5.
+/// least 0.999, with the full decode and with the default DCT-scaled decode, which only the
+/// 2.5 MP `rocket-3x.jpg` is large enough to take. Fed torch's own crop, the crate's model gives
+/// torch's fc7 to 1e-5.
 #[test]
 fn preprocessing_gives_torchvisions_fc7_on_real_photos() {
     let config = Config::torchvision();
     let model = AlexNet::new(&config, det_var_builder(&config)).unwrap();
     let torch =
         candle_core::safetensors::load(fixture("torch_fc7.safetensors"), &Device::Cpu).unwrap();
-    let p = Preprocess::torchvision();
+    let scaled = Preprocess::torchvision();
+    assert!(scaled.dct_scaling, "the scaled decode is the default");
+    let full = Preprocess {
+        dct_scaling: false,
+        ..Preprocess::torchvision()
+    };
     let fc7 = |x: Tensor| -> Vec<f32> {
         model
             .extract(&x.unsqueeze(0).unwrap(), Tap::Fc7)
@@ -405,14 +412,26 @@ fn preprocessing_gives_torchvisions_fc7_on_real_photos() {
             .to_vec1()
             .unwrap()
     };
-    for photo in ["chelsea.png", "coffee.png", "rocket.jpg"] {
+    let cosine = |a: &[f32], b: &[f32]| {
+        let dot: f64 = a.iter().zip(b).map(|(a, b)| *a as f64 * *b as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
+        dot / (norm(a) * norm(b))
+    };
+    let photos = [
+        asset("chelsea.png"),
+        asset("coffee.png"),
+        asset("rocket.jpg"),
+        fixture("rocket-3x.jpg"),
+    ];
+    for path in photos {
+        let photo = path.file_name().unwrap().to_str().unwrap();
         let want: Vec<f32> = torch[photo].to_vec1().unwrap();
         let crop = image::open(fixture(&format!("{photo}.crop.png")))
             .unwrap()
             .to_rgb8();
-        // The crop itself: Pillow's bilinear filter, within rounding (measured: at most 1 level
-        // on the PNGs, 2 on the JPEG, whose decoders differ too).
-        let ours = p.resize_and_crop(&p.open(asset(photo)).unwrap()).unwrap();
+        // The crop itself, decoded whole: Pillow's bilinear filter, within rounding (measured:
+        // at most 1 level on the PNGs, 2 on the JPEGs, whose decoders differ too).
+        let ours = full.resize_and_crop(&full.open(&path).unwrap()).unwrap();
         let worst = ours
             .as_raw()
             .iter()
@@ -424,23 +443,28 @@ fn preprocessing_gives_torchvisions_fc7_on_real_photos() {
             worst <= 2,
             "{photo}: a pixel differs from PIL's by {worst} levels"
         );
-        let same_input = fc7(p.to_tensor(&crop, &Device::Cpu).unwrap());
+        let same_input = fc7(full.to_tensor(&crop, &Device::Cpu).unwrap());
         let err = rel_err(&same_input, &want);
         assert!(
             err <= 1e-5,
             "{photo}: the model alone differs from torch by {err:.2e}"
         );
 
-        let ours = fc7(p.load(asset(photo), &Device::Cpu).unwrap());
-        let dot: f64 = ours
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum();
-        let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>().sqrt();
-        let cosine = dot / (norm(&ours) * norm(&want));
-        eprintln!("{photo}: fc7 cosine with torchvision's pipeline {cosine:.6}");
-        assert!(cosine >= 0.999, "{photo}: cosine {cosine}");
+        let whole = full.load_pixels(&path).unwrap();
+        let default = scaled.load_pixels(&path).unwrap();
+        assert_eq!(
+            whole != default,
+            photo == "rocket-3x.jpg",
+            "{photo}: the scaled decode runs exactly on images at least twice the resize target"
+        );
+        for (mode, values) in [("full", whole), ("DCT-scaled", default)] {
+            let ours = fc7(Tensor::from_vec(values, (3, 224, 224), &Device::Cpu).unwrap());
+            let cosine = cosine(&ours, &want);
+            eprintln!(
+                "{photo}: fc7 cosine with torchvision's pipeline, {mode} decode: {cosine:.6}"
+            );
+            assert!(cosine >= 0.999, "{photo}, {mode} decode: cosine {cosine}");
+        }
     }
 }
 

@@ -26,7 +26,7 @@ use std::path::Path;
 
 use image::RgbImage;
 
-use super::preprocess::Preprocess;
+use super::preprocess::{Decoded, Preprocess};
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -98,6 +98,14 @@ impl Augment {
     /// Only the crop is resampled (not the whole resized image), with the same weights as
     /// [`Preprocess::resize_and_crop`]; the lighting is added in float after the crop.
     pub fn apply(&self, image: &RgbImage, rng: &mut Rng) -> Result<Vec<f32>> {
+        let decoded = Decoded {
+            full: image.dimensions(),
+            image: image.clone(),
+        };
+        self.apply_decoded(&decoded, rng)
+    }
+
+    fn apply_decoded(&self, decoded: &Decoded, rng: &mut Rng) -> Result<Vec<f32>> {
         if !self.lighting.is_finite() || self.lighting < 0.0 {
             return Err(Error::Invalid(format!(
                 "augmentation lighting std must be finite and >= 0, got {}",
@@ -107,18 +115,18 @@ impl Augment {
         let side = self.preprocess.crop;
         let crop = self.crop;
         let mut resized = (0, 0);
-        let (cropped, offset) = self
-            .preprocess
-            .resize_and_crop_at(image, |nw, nh, centre| {
-                resized = (nw, nh);
-                match crop {
-                    Crop::Center => centre,
-                    Crop::Random => (
-                        rng.below((nw - side + 1) as usize) as u32,
-                        rng.below((nh - side + 1) as usize) as u32,
-                    ),
-                }
-            })?;
+        let (cropped, offset) =
+            self.preprocess
+                .resize_and_crop_decoded(decoded, |nw, nh, centre| {
+                    resized = (nw, nh);
+                    match crop {
+                        Crop::Center => centre,
+                        Crop::Random => (
+                            rng.below((nw - side + 1) as usize) as u32,
+                            rng.below((nh - side + 1) as usize) as u32,
+                        ),
+                    }
+                })?;
         let mirror = self.flip && rng.uniform() < 0.5;
         let shift = if self.lighting > 0.0 {
             let alphas = [(); 3].map(|_| rng.normal() * self.lighting);
@@ -129,11 +137,11 @@ impl Augment {
         self.values(&cropped, resized, offset, mirror, shift)
     }
 
-    /// Opens the file ([`Preprocess::open`], with its format and size checks) and applies
-    /// [`Augment::apply`].
+    /// Decodes the file as the pipeline's `load` does (with its format and size checks, and its
+    /// DCT-scaled decode of large JPEGs) and applies [`Augment::apply`].
     pub fn load(&self, path: &Path, rng: &mut Rng) -> Result<Vec<f32>> {
-        let image = self.preprocess.open(path)?;
-        self.apply(&image, rng)
+        let decoded = self.preprocess.decode(path, true)?;
+        self.apply_decoded(&decoded, rng)
     }
 
     /// The ten crops of the paper's test time, each `3 * crop * crop` values: the top-left,
@@ -275,6 +283,7 @@ mod tests {
             std: [1.0; 3],
             min_side: 1,
             mean_image: None,
+            dct_scaling: false,
         }
     }
 

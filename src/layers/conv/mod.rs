@@ -54,6 +54,7 @@ use rayon::prelude::*;
 use super::cpu::{apply, WeightOp};
 
 mod backward;
+mod device;
 mod forward;
 mod geometry;
 mod im2col;
@@ -118,7 +119,9 @@ pub fn conv2d(
     apply(Conv2dOp { geometry, relu }, x, weight, bias)
 }
 
-/// The same convolution as candle's ops: `conv2d`, `broadcast_add` of the bias, `relu`.
+/// The same convolution as candle's ops: `conv2d`, `broadcast_add` of the bias, `relu`. Off the
+/// CPU the conv's backward is this crate's, which hands candle contiguous operands only
+/// (`device.rs`: candle 0.11.1's Metal conv computes wrong weight gradients otherwise).
 pub(crate) fn conv2d_candle(
     x: &Tensor,
     weight: &Tensor,
@@ -126,14 +129,25 @@ pub(crate) fn conv2d_candle(
     cfg: &Conv2dConfig,
     relu: bool,
 ) -> Result<Tensor> {
-    let y = x.conv2d_with_algo(
-        weight,
-        cfg.padding,
-        cfg.stride,
-        cfg.dilation,
-        cfg.groups,
-        cfg.cudnn_fwd_algo,
-    )?;
+    let y = if x.device().is_cpu() {
+        x.conv2d_with_algo(
+            weight,
+            cfg.padding,
+            cfg.stride,
+            cfg.dilation,
+            cfg.groups,
+            cfg.cudnn_fwd_algo,
+        )?
+    } else {
+        device::conv2d_contiguous_grad(
+            x,
+            weight,
+            cfg.padding,
+            cfg.stride,
+            cfg.dilation,
+            cfg.groups,
+        )?
+    };
     let y = match bias {
         Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
         None => y,

@@ -12,7 +12,8 @@
 use anyhow::{Context, Result};
 use candle_zoo::cli::{run_training, ModelArgs, TrainArgs};
 use candle_zoo::models::alexnet::Tap;
-use candle_zoo::train::{ParamPolicy, Trainer, CONFUSION_CSV};
+use candle_zoo::train::optim::SgdConfig;
+use candle_zoo::train::{ParamPolicy, TrainConfig, Trainer, CONFUSION_CSV};
 use clap::Parser;
 
 #[derive(Parser)]
@@ -65,7 +66,15 @@ fn main() -> Result<()> {
             freeze_through: args.freeze_through,
             ..ParamPolicy::default()
         };
-        let settings = args.train.config(10, 0.001, policy);
+        let settings = args.train.config(TrainConfig {
+            epochs: 10,
+            sgd: SgdConfig {
+                lr: 0.001,
+                ..SgdConfig::default()
+            },
+            policy,
+            ..TrainConfig::default()
+        });
         Trainer::with_weights(
             &model,
             &weights,

@@ -91,6 +91,7 @@ fn settings(epochs: usize) -> TrainConfig {
         policy: ParamPolicy::default(),
         seed: 7,
         workers: 2,
+        random_crop: true,
         flip: true,
         lighting: 0.1,
         ten_crop: false,

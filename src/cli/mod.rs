@@ -5,7 +5,7 @@
 //! | file | what |
 //! |---|---|
 //! | `mod.rs` | [`ModelArgs`]: `--model`, `--weights`, `--model-id`, `--layout`, `--preprocess`, `--device` |
-//! | `train.rs` | [`TrainArgs`], the flags of `train` and `finetune`, and [`run_training`] |
+//! | `train.rs` | [`TrainArgs`], the flags of `train` and `finetune`; [`ArchArgs`], the architecture of `train` and `ablate`; [`run_training`] |
 //! | `progress.rs` | [`Progress`]: a bar on a terminal, a line every few seconds in a log |
 //!
 //! ```
@@ -25,7 +25,7 @@ mod progress;
 mod train;
 
 pub use progress::Progress;
-pub use train::{run_training, TrainArgs};
+pub use train::{run_training, ArchArgs, TrainArgs};
 
 use std::path::PathBuf;
 

@@ -7,9 +7,94 @@ use candle_core::Device;
 
 use super::Progress;
 use crate::data::dataset::ImageFolder;
-use crate::error::Result;
+use crate::data::preprocess::Preprocess;
+use crate::error::{Error, Result};
+use crate::models::alexnet::{Activation, Config, Layout, Pooling};
 use crate::train::optim::{LrSchedule, SgdConfig};
 use crate::train::{Event, ParamPolicy, TrainConfig, Trainer};
+
+/// The architecture of a model trained from scratch (`train`, `ablate`): layout, widths, input
+/// size, dropout and the variant (activation, pooling, LRN).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ArchArgs {
+    /// torchvision (one tower), bvlc-alexnet (two towers, LRN before pooling) or caffenet.
+    #[arg(long, default_value = "torchvision")]
+    pub layout: Layout,
+
+    /// Output channels of conv1..conv5 (default: the layout's published widths).
+    #[arg(long, value_delimiter = ',', value_name = "C1,C2,C3,C4,C5")]
+    pub channels: Option<Vec<usize>>,
+
+    /// Width of fc6 and fc7 (default: 4096).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+
+    /// Side of the square crops the model sees (default: 224, or 227 for the Caffe layouts;
+    /// torchvision takes >= 63, the Caffe layouts 199..=230).
+    #[arg(long)]
+    pub input_size: Option<u32>,
+
+    /// Dropout before (torchvision) or after (Caffe) fc6 and fc7.
+    #[arg(long, default_value_t = 0.5)]
+    pub dropout: f32,
+
+    /// relu (published) or tanh.
+    #[arg(long, default_value = "relu")]
+    pub activation: Activation,
+
+    /// overlapping (3x3, stride 2: published) or non-overlapping (2x2, stride 2).
+    #[arg(long, default_value = "overlapping")]
+    pub pooling: Pooling,
+
+    /// LRN after conv1 and conv2: on or off (default: the layout's published choice, on in the
+    /// Caffe layouts).
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub lrn: Option<bool>,
+}
+
+impl ArchArgs {
+    /// The model the flags describe, with `classes` outputs.
+    pub fn config(&self, classes: usize) -> Result<Config> {
+        let mut model = Config::for_layout(self.layout)
+            .with_classes(classes)
+            .with_dropout(self.dropout)
+            .with_activation(self.activation)
+            .with_pooling(self.pooling);
+        if let Some(lrn) = self.lrn {
+            model = model.with_lrn(lrn);
+        }
+        if let Some(c) = &self.channels {
+            model.channels = c.as_slice().try_into().map_err(|_| {
+                Error::Invalid(format!(
+                    "--channels takes 5 widths (conv1..conv5), got {}",
+                    c.len()
+                ))
+            })?;
+        }
+        if let Some(h) = self.hidden {
+            model.hidden = h;
+        }
+        Ok(model)
+    }
+
+    /// The layout's pipeline, scaled to `--input-size`.
+    pub fn preprocess(&self) -> Preprocess {
+        let preprocess = Preprocess::for_layout(self.layout);
+        match self.input_size {
+            Some(side) => preprocess.scaled_to(side),
+            None => preprocess,
+        }
+    }
+}
+
+/// `on`/`off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
+fn parse_on_off(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("expected on or off, got `{s}`")),
+    }
+}
 
 /// Flags shared by the `train` and `finetune` examples: data, output, the optimizer and its
 /// schedule, augmentation and checkpointing.
@@ -28,8 +113,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub epochs: Option<usize>,
 
-    #[arg(long, default_value_t = 128, value_parser = super::parse_batch_size)]
-    pub batch_size: usize,
+    /// Images per batch (default: 128 for train and finetune).
+    #[arg(long, value_parser = super::parse_batch_size)]
+    pub batch_size: Option<usize>,
 
     /// Base learning rate (default: 0.01 for train, 0.001 for finetune).
     #[arg(long)]
@@ -62,6 +148,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub workers: Option<usize>,
 
+    /// Train on the centre crop instead of random crops.
+    #[arg(long)]
+    pub no_random_crop: bool,
+
     /// Turn off random horizontal mirrors.
     #[arg(long)]
     pub no_flip: bool,
@@ -85,32 +175,27 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The training settings the flags describe, with the example's defaults for what was not
-    /// given.
-    pub fn config(
-        &self,
-        default_epochs: usize,
-        default_lr: f64,
-        policy: ParamPolicy,
-    ) -> TrainConfig {
-        let defaults = TrainConfig::default();
+    /// The training settings the flags describe, `defaults` (the example's epochs, batch size,
+    /// learning rate and parameter policy) for what was not given.
+    pub fn config(&self, defaults: TrainConfig) -> TrainConfig {
         TrainConfig {
-            epochs: self.epochs.unwrap_or(default_epochs),
-            batch_size: self.batch_size,
+            epochs: self.epochs.unwrap_or(defaults.epochs),
+            batch_size: self.batch_size.unwrap_or(defaults.batch_size),
             sgd: SgdConfig {
-                lr: self.lr.unwrap_or(default_lr),
+                lr: self.lr.unwrap_or(defaults.sgd.lr),
                 momentum: self.momentum,
                 nesterov: self.nesterov,
-                ..SgdConfig::default()
+                ..defaults.sgd
             },
             schedule: self.schedule.clone(),
             policy: ParamPolicy {
                 weight_decay: self.weight_decay,
                 caffe_biases: self.caffe_biases,
-                ..policy
+                ..defaults.policy
             },
             seed: self.seed,
             workers: self.workers.unwrap_or(defaults.workers),
+            random_crop: !self.no_random_crop,
             flip: !self.no_flip,
             lighting: self.lighting,
             ten_crop: self.ten_crop,

@@ -117,6 +117,7 @@ pub(super) fn weights(
             model.config().dropout.to_string(),
         ),
     ]);
+    meta.extend(metadata::variant_entries(model.config()));
     Ok((tensors, meta))
 }
 

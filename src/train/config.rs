@@ -46,6 +46,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Threads decoding and augmenting images (0 is taken as 1).
     pub workers: usize,
+    /// Random crops of the resized image (else its centre crop, as in evaluation). Checkpoints
+    /// written before this setting existed trained with random crops.
+    #[serde(default = "random_crops_by_default")]
+    pub random_crop: bool,
     /// Random horizontal mirrors.
     pub flip: bool,
     /// Standard deviation of the PCA lighting noise (the paper's 0.1; 0 turns it off).
@@ -59,7 +63,7 @@ pub struct TrainConfig {
 
 impl Default for TrainConfig {
     /// The paper's recipe at a small batch: SGD lr 0.01, momentum 0.9, weight decay 5e-4, lr
-    /// x0.1 when validation top-1 stalls, flips and PCA lighting.
+    /// x0.1 when validation top-1 stalls, random crops, flips and PCA lighting.
     fn default() -> Self {
         Self {
             epochs: 90,
@@ -75,6 +79,7 @@ impl Default for TrainConfig {
             policy: ParamPolicy::default(),
             seed: 0,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            random_crop: true,
             flip: true,
             lighting: 0.1,
             ten_crop: false,
@@ -101,4 +106,8 @@ impl TrainConfig {
         }
         Ok(())
     }
+}
+
+fn random_crops_by_default() -> bool {
+    true
 }

@@ -20,6 +20,7 @@
 //! | `report.rs` | [`EpochRecord`], `metrics.csv`, `metrics.png`, `confusion.csv` |
 //! | [`optim`] | [`Sgd`](optim::Sgd) with momentum and parameter groups, learning-rate schedules |
 //! | [`plot`] | the curves |
+//! | [`ablation`] | the paper's claims: variants x seeds, `ablation.{csv,md,png}` |
 //!
 //! ```no_run
 //! use candle_core::Device;
@@ -38,6 +39,7 @@
 //! # Ok::<(), candle_zoo::Error>(())
 //! ```
 
+pub mod ablation;
 mod checkpoint;
 mod config;
 mod eval;

@@ -9,8 +9,12 @@
 //!     x_label: "epoch".into(),
 //!     y_label: "cross-entropy".into(),
 //!     series: vec![
-//!         Series { name: "train".into(), points: vec![(1.0, 2.3), (2.0, 1.1), (3.0, 0.6)] },
-//!         Series { name: "val".into(), points: vec![(1.0, 2.1), (2.0, 1.3), (3.0, 0.9)] },
+//!         Series { name: "train".into(), points: vec![(1.0, 2.3), (2.0, 1.1), (3.0, 0.6)], ..Default::default() },
+//!         Series {
+//!             name: "val, mean of 3 seeds".into(),
+//!             points: vec![(1.0, 2.1), (2.0, 1.3), (3.0, 0.9)],
+//!             band: vec![(1.0, 2.0, 2.2), (2.0, 1.1, 1.5), (3.0, 0.8, 1.0)],
+//!         },
 //!     ],
 //! };
 //! let dir = tempfile::tempdir()?;
@@ -29,6 +33,9 @@ pub struct Series {
     pub name: String,
     /// The points, in drawing order.
     pub points: Vec<(f64, f64)>,
+    /// An optional shaded band around the line, `(x, low, high)` in `x` order (for example the
+    /// spread over seeds), drawn under every line in a pale shade of the series' colour.
+    pub band: Vec<(f64, f64, f64)>,
 }
 
 /// One panel: a title, axis labels and its series (each drawn in its own colour, with a legend).
@@ -91,7 +98,7 @@ pub fn render_png(charts: &[Chart], path: impl AsRef<std::path::Path>) -> Result
 ///     title: "accuracy".into(),
 ///     x_label: "epoch".into(),
 ///     y_label: "top-1".into(),
-///     series: vec![Series { name: "val".into(), points: vec![(1.0, 0.25), (2.0, 0.5)] }],
+///     series: vec![Series { name: "val".into(), points: vec![(1.0, 0.25), (2.0, 0.5)], ..Default::default() }],
 /// };
 /// let png = render_png_bytes(&[acc])?;
 /// assert_eq!(&png[1..4], b"PNG");
@@ -281,7 +288,18 @@ fn draw_chart(img: &mut RgbImage, chart: &Chart, top: i64) {
     let rows = draw_legend(img, &chart.series, legend_top);
 
     let runs: Vec<Vec<_>> = chart.series.iter().map(runs).collect();
-    let points = || runs.iter().flatten().flat_map(|r| r.iter());
+    let bands: Vec<Vec<(f64, f64, f64)>> = chart.series.iter().map(band).collect();
+    let band_points: Vec<(f64, f64)> = bands
+        .iter()
+        .flatten()
+        .flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)])
+        .collect();
+    let points = || {
+        runs.iter()
+            .flatten()
+            .flat_map(|r| r.iter())
+            .chain(band_points.iter())
+    };
     let range = |f: fn(&(f64, f64)) -> f64| {
         let (lo, hi) = (f64::INFINITY, f64::NEG_INFINITY);
         points()
@@ -350,6 +368,23 @@ fn draw_chart(img: &mut RgbImage, chart: &Chart, top: i64) {
         let middle = plot_top + (ph - CH) / 2;
         text_centred(img, plot_left + pw / 2, middle, "no data", FAINT);
     }
+    for (i, band) in bands.iter().enumerate() {
+        for w in band.windows(2) {
+            let ((x0, lo0, hi0), (x1, lo1, hi1)) = (w[0], w[1]);
+            let (c0, c1) = (px(x0), px(x1));
+            for c in c0..=c1 {
+                let t = if c1 > c0 {
+                    (c - c0) as f64 / (c1 - c0) as f64
+                } else {
+                    0.0
+                };
+                let (lo, hi) = (lo0 + t * (lo1 - lo0), hi0 + t * (hi1 - hi0));
+                for r in py(hi)..=py(lo) {
+                    shade(img, c, r, colour(i));
+                }
+            }
+        }
+    }
     for (i, series_runs) in runs.iter().enumerate() {
         for run in series_runs {
             let pts: Vec<(i64, i64)> = run.iter().map(|&(x, y)| (px(x), py(y))).collect();
@@ -359,6 +394,28 @@ fn draw_chart(img: &mut RgbImage, chart: &Chart, top: i64) {
             for &(x, y) in &pts {
                 disc(img, x, y, 4, colour(i));
             }
+        }
+    }
+}
+
+/// A series' band: its finite entries, `low <= high`, in `x` order.
+fn band(series: &Series) -> Vec<(f64, f64, f64)> {
+    let mut band: Vec<_> = series
+        .band
+        .iter()
+        .filter(|(x, lo, hi)| x.is_finite() && lo.is_finite() && hi.is_finite())
+        .map(|&(x, lo, hi)| (x, lo.min(hi), lo.max(hi)))
+        .collect();
+    band.sort_by(|a, b| a.0.total_cmp(&b.0));
+    band
+}
+
+/// Mixes a quarter of `c` into the pixel: overlapping bands stay visible through each other.
+fn shade(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
+    if (0..img.width() as i64).contains(&x) && (0..img.height() as i64).contains(&y) {
+        let p = img.get_pixel_mut(x as u32, y as u32);
+        for k in 0..3 {
+            p.0[k] = ((3 * p.0[k] as u16 + c.0[k] as u16) / 4) as u8;
         }
     }
 }
@@ -458,6 +515,7 @@ mod tests {
         Series {
             name: name.into(),
             points: points.to_vec(),
+            ..Default::default()
         }
     }
 

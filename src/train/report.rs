@@ -28,25 +28,35 @@ pub struct EpochRecord {
     pub seconds: f64,
 }
 
+/// The columns of `metrics.csv`, as its header.
+pub(super) const METRICS_COLUMNS: &str =
+    "epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5,seconds";
+
+impl EpochRecord {
+    /// The record as a row of `metrics.csv` ([`METRICS_COLUMNS`]), without the line end.
+    pub(super) fn csv_row(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+        format!(
+            "{},{},{:.6},{:.6},{:.6},{},{},{},{:.1}",
+            self.epoch,
+            self.lr,
+            self.train_loss,
+            self.train_top1,
+            self.train_top5,
+            opt(self.val_loss),
+            opt(self.val_top1),
+            opt(self.val_top5),
+            self.seconds
+        )
+    }
+}
+
 /// Rewrites `metrics.csv` and `metrics.png` from the history.
 pub(super) fn write_metrics(out: &Path, history: &[EpochRecord]) -> Result<()> {
-    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
-    let mut csv = String::from(
-        "epoch,lr,train_loss,train_top1,train_top5,val_loss,val_top1,val_top5,seconds\n",
-    );
+    let mut csv = format!("{METRICS_COLUMNS}\n");
     for r in history {
-        csv.push_str(&format!(
-            "{},{},{:.6},{:.6},{:.6},{},{},{},{:.1}\n",
-            r.epoch,
-            r.lr,
-            r.train_loss,
-            r.train_top1,
-            r.train_top5,
-            opt(r.val_loss),
-            opt(r.val_top1),
-            opt(r.val_top5),
-            r.seconds
-        ));
+        csv.push_str(&r.csv_row());
+        csv.push('\n');
     }
     crate::io::write_atomic(out.join(METRICS_CSV), csv.as_bytes())?;
     let series = |name: &str, f: &dyn Fn(&EpochRecord) -> Option<f64>| Series {
@@ -55,6 +65,7 @@ pub(super) fn write_metrics(out: &Path, history: &[EpochRecord]) -> Result<()> {
             .iter()
             .filter_map(|r| f(r).map(|v| (r.epoch as f64, v)))
             .collect(),
+        ..Default::default()
     };
     let pct = |v: f64| 100.0 * v;
     let charts = [

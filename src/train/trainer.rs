@@ -313,6 +313,9 @@ impl Trainer {
         let cfg = &self.config;
         let order = epoch_order(self.train_set.len(), cfg.seed, epoch as u64, true);
         let mut augment = Augment::train(self.preprocess.clone());
+        if !cfg.random_crop {
+            augment.crop = crate::data::augment::Crop::Center;
+        }
         augment.flip = cfg.flip;
         augment.lighting = cfg.lighting;
         let loader = LabelledLoader::new(

@@ -203,6 +203,7 @@ impl Checkpoint {
         let layout = self.layout()?;
         let config = Config::from_checkpoint(vb).map_err(|e| self.error(e))?;
         let config = config.with_layout(layout);
+        let config = metadata::variant(&self.metadata, config).map_err(|e| self.error(e))?;
         match metadata::dropout(&self.metadata).map_err(|e| self.error(e))? {
             Some(p) => Ok(config.with_dropout(p)),
             None => Ok(config),

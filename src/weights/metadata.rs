@@ -12,6 +12,7 @@
 //! | tensor [`MEAN_IMAGE`] | `(3, H, W)` f32, the model's channel order | convert, train | subtracted pixel by pixel instead of the mean |
 //! | [`CLASSES`] | a JSON list of class names | train | names the model's outputs |
 //! | [`DROPOUT`] | a probability | train | the dropout a resumed run trains with |
+//! | [`ACTIVATION`], [`POOLING`], [`LRN`] | `relu`/`tanh`, `overlapping`/`non-overlapping`, `true`/`false` | train | the architecture variant ([`Config`]); absent, the layout's published one |
 //! | [`SOURCE`], [`SOURCE_SHA256`], [`SOURCE_SHA1`], [`SOURCE_FORMAT`], [`CONVERTER`] | | convert | where converted weights came from |
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::data::preprocess::{MeanImage, Preprocess, Preset, Resize};
 use crate::error::{Error, Result};
-use crate::models::alexnet::Layout;
+use crate::models::alexnet::{Config, Layout};
 
 /// The layout: Caffe's keys alone cannot tell AlexNet from CaffeNet.
 pub const LAYOUT: &str = "layout";
@@ -39,6 +40,12 @@ pub const MEAN_IMAGE: &str = "preprocess.mean_image";
 pub const CLASSES: &str = "classes";
 /// The dropout probability the model was trained with.
 pub const DROPOUT: &str = "model.dropout";
+/// The nonlinearity of a variant ([`crate::models::alexnet::Activation`]).
+pub const ACTIVATION: &str = "model.activation";
+/// The pooling windows of a variant ([`crate::models::alexnet::Pooling`]).
+pub const POOLING: &str = "model.pooling";
+/// Whether a variant has LRN after conv1 and conv2.
+pub const LRN: &str = "model.lrn";
 /// The file converted weights came from (its name, not its path).
 pub const SOURCE: &str = "source";
 /// That file's SHA-256.
@@ -73,6 +80,39 @@ pub fn dropout(meta: &BTreeMap<String, String>) -> Result<Option<f32>> {
                 .map_err(|e| Error::Invalid(format!("metadata `{DROPOUT}` = `{s}`: {e}")))
         })
         .transpose()
+}
+
+/// The entries that record `config`'s architecture variant: its activation, pooling and LRN.
+pub fn variant_entries(config: &Config) -> Vec<(String, String)> {
+    vec![
+        (ACTIVATION.into(), config.activation.name().into()),
+        (POOLING.into(), config.pooling.name().into()),
+        (LRN.into(), config.lrn.to_string()),
+    ]
+}
+
+/// `config` with the architecture variant a file's metadata records; a key that is absent keeps
+/// `config`'s (the published) choice.
+pub fn variant(meta: &BTreeMap<String, String>, config: Config) -> Result<Config> {
+    let bad =
+        |key: &str, s: &str, e: String| Error::Invalid(format!("metadata `{key}` = `{s}`: {e}"));
+    let mut config = config;
+    if let Some(s) = meta.get(ACTIVATION) {
+        config.activation = s
+            .parse()
+            .map_err(|e: Error| bad(ACTIVATION, s, e.to_string()))?;
+    }
+    if let Some(s) = meta.get(POOLING) {
+        config.pooling = s
+            .parse()
+            .map_err(|e: Error| bad(POOLING, s, e.to_string()))?;
+    }
+    if let Some(s) = meta.get(LRN) {
+        config.lrn = s
+            .parse()
+            .map_err(|e: std::str::ParseBoolError| bad(LRN, s, e.to_string()))?;
+    }
+    Ok(config)
 }
 
 /// The entries that record a pipeline: its preset (from its channel order), mean, crop and

@@ -30,7 +30,7 @@ mod config;
 mod tap;
 mod train_view;
 
-pub use config::{Config, Layout};
+pub use config::{Activation, Config, Layout, Pooling};
 pub use tap::Tap;
 pub use train_view::TrainView;
 
@@ -325,13 +325,14 @@ impl AlexNet {
             tap(at, t);
             at == stop
         };
-        let pool = |t: &Tensor| max_pool2d(t, 3, 2, layout.is_caffe());
-        // LRN and pooling after conv1 and conv2, in the layout's order.
+        let (window, stride, ceil) = self.config.pooling.window(layout);
+        let pool = |t: &Tensor| max_pool2d(t, window, stride, ceil);
+        // LRN (where the config has it) and pooling after conv1 and conv2: CaffeNet pools first.
         let norm_pool = |t: &Tensor| -> candle_core::Result<Tensor> {
-            match layout {
-                Layout::TorchVision => pool(t),
-                Layout::BvlcAlexNet => pool(&self.lrn.forward(t)?),
-                Layout::CaffeNet => self.lrn.forward(&pool(t)?),
+            match (self.config.lrn, layout) {
+                (false, _) => pool(t),
+                (true, Layout::CaffeNet) => self.lrn.forward(&pool(t)?),
+                (true, _) => pool(&self.lrn.forward(t)?),
             }
         };
         let p = self.config.dropout;
@@ -347,11 +348,15 @@ impl AlexNet {
                 }
             }
         };
-        // conv + bias + ReLU as one op (a gemm forward and backward on the CPU); the conv taps
-        // are after the ReLU.
-        let conv_relu =
-            |conv: &Conv2d, t: &Tensor| conv2d(t, conv.weight(), conv.bias(), conv.config(), true);
-        let fc = |l: &Linear, t: &Tensor, relu| linear(t, l.weight(), l.bias(), relu);
+        // conv + bias + ReLU as one op (a gemm forward and backward on the CPU); tanh follows
+        // the op instead. The conv and fc taps are after the activation.
+        let relu = self.config.activation == Activation::Relu;
+        let activate = |t: Tensor| if relu { Ok(t) } else { t.tanh() };
+        let conv_relu = |conv: &Conv2d, t: &Tensor| {
+            activate(conv2d(t, conv.weight(), conv.bias(), conv.config(), relu)?)
+        };
+        let fc_act = |l: &Linear, t: &Tensor| activate(linear(t, l.weight(), l.bias(), relu)?);
+        let fc = |l: &Linear, t: &Tensor| linear(t, l.weight(), l.bias(), false);
 
         let mut h = conv_relu(&self.conv1, x)?;
         if done(Tap::Conv1, &mut h) {
@@ -386,16 +391,16 @@ impl AlexNet {
         if !caffe {
             h = drop(h)?;
         }
-        let mut h = fc(&self.fc6, &h, true)?;
+        let mut h = fc_act(&self.fc6, &h)?;
         if done(Tap::Fc6, &mut h) {
             return Ok(h);
         }
-        let mut h = fc(&self.fc7, &drop(h)?, true)?;
+        let mut h = fc_act(&self.fc7, &drop(h)?)?;
         if done(Tap::Fc7, &mut h) {
             return Ok(h);
         }
         let h = if caffe { drop(h)? } else { h };
-        let mut logits = fc(&self.fc8, &h, false)?;
+        let mut logits = fc(&self.fc8, &h)?;
         done(Tap::Fc8, &mut logits);
         Ok(logits)
     }

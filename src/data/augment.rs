@@ -26,7 +26,7 @@ use std::path::Path;
 
 use image::RgbImage;
 
-use super::preprocess::{Decoded, Preprocess};
+use super::preprocess::Preprocess;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
@@ -98,14 +98,11 @@ impl Augment {
     /// Only the crop is resampled (not the whole resized image), with the same weights as
     /// [`Preprocess::resize_and_crop`]; the lighting is added in float after the crop.
     pub fn apply(&self, image: &RgbImage, rng: &mut Rng) -> Result<Vec<f32>> {
-        let decoded = Decoded {
-            full: image.dimensions(),
-            image: image.clone(),
-        };
-        self.apply_decoded(&decoded, rng)
+        self.apply_scaled(image, image.dimensions(), rng)
     }
 
-    fn apply_decoded(&self, decoded: &Decoded, rng: &mut Rng) -> Result<Vec<f32>> {
+    /// [`Augment::apply`] of an image decoded at a reduced scale from one of size `full`.
+    fn apply_scaled(&self, image: &RgbImage, full: (u32, u32), rng: &mut Rng) -> Result<Vec<f32>> {
         if !self.lighting.is_finite() || self.lighting < 0.0 {
             return Err(Error::Invalid(format!(
                 "augmentation lighting std must be finite and >= 0, got {}",
@@ -117,7 +114,7 @@ impl Augment {
         let mut resized = (0, 0);
         let (cropped, offset) =
             self.preprocess
-                .resize_and_crop_decoded(decoded, |nw, nh, centre| {
+                .resize_and_crop_scaled(image, full, |nw, nh, centre| {
                     resized = (nw, nh);
                     match crop {
                         Crop::Center => centre,
@@ -141,7 +138,7 @@ impl Augment {
     /// DCT-scaled decode of large JPEGs) and applies [`Augment::apply`].
     pub fn load(&self, path: &Path, rng: &mut Rng) -> Result<Vec<f32>> {
         let decoded = self.preprocess.decode(path, true)?;
-        self.apply_decoded(&decoded, rng)
+        self.apply_scaled(&decoded.image, decoded.full, rng)
     }
 
     /// The ten crops of the paper's test time, each `3 * crop * crop` values: the top-left,

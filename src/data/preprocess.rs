@@ -53,9 +53,9 @@ pub struct Preprocess {
     pub mean_image: Option<Arc<MeanImage>>,
     /// Decode a JPEG at least twice the resize target's size at a reduced scale in the DCT
     /// domain (1/2, 1/4 or 1/8 of each side, never below the target), as libjpeg's scaled
-    /// decode and PIL's `draft()` do: about 2x faster than a full decode on photos of 2 MP and
-    /// more (`benches/decode_vs_pil.py`), at a small cost in fidelity to the full-resolution
-    /// resize (fc7 cosine with torchvision's pipeline: see `tests/extract.rs`). On by default.
+    /// decode and PIL's `draft()` do: much less work than a full decode on photos of 2 MP and
+    /// more (`benches/NOTES.md`), at a small cost in fidelity to the full-resolution resize
+    /// (fc7 cosine with torchvision's pipeline: see `tests/extract.rs`). On by default.
     pub dct_scaling: bool,
 }
 
@@ -322,24 +322,20 @@ impl Preprocess {
         image: &RgbImage,
         place: impl FnOnce(u32, u32, (u32, u32)) -> (u32, u32),
     ) -> Result<(RgbImage, (u32, u32))> {
-        let decoded = Decoded {
-            full: image.dimensions(),
-            image: image.clone(),
-        };
-        self.resize_and_crop_decoded(&decoded, place)
+        self.resize_and_crop_scaled(image, image.dimensions(), place)
     }
 
-    /// [`Preprocess::resize_and_crop_at`] of an image decoded at a reduced scale: the resize,
-    /// the crop's place and the sampling positions are those of the full-size image, mapped
-    /// onto the decoded one.
-    pub(crate) fn resize_and_crop_decoded(
+    /// [`Preprocess::resize_and_crop_at`] of an image decoded at a reduced scale from one of
+    /// size `full`: the resize, the crop's place and the sampling positions are those of the
+    /// full-size image, mapped onto the decoded one.
+    pub(crate) fn resize_and_crop_scaled(
         &self,
-        decoded: &Decoded,
+        image: &RgbImage,
+        full: (u32, u32),
         place: impl FnOnce(u32, u32, (u32, u32)) -> (u32, u32),
     ) -> Result<(RgbImage, (u32, u32))> {
-        let image = &decoded.image;
         let (w, h) = image.dimensions();
-        let (nw, nh) = self.resized_size(decoded.full);
+        let (nw, nh) = self.resized_size(full);
         if nw < self.crop || nh < self.crop {
             return Err(Error::Invalid(format!(
                 "resize to {nw}x{nh} is smaller than the {} crop",
@@ -354,13 +350,13 @@ impl Preprocess {
                 self.crop
             )));
         }
-        if (nw, nh) == (w, h) && decoded.full == (w, h) {
+        if (nw, nh) == (w, h) && full == (w, h) {
             let crop = image::imageops::crop_imm(image, left, top, self.crop, self.crop);
             return Ok((crop.to_image(), (left, top)));
         }
         // A scaled decode holds full-size pixels `f * i .. f * (i + 1)` in its pixel `i`.
-        let f = (decoded.full.0 as f64 / w as f64).round().max(1.0);
-        let (fw, fh) = (decoded.full.0 as f64, decoded.full.1 as f64);
+        let f = (full.0 as f64 / w as f64).round().max(1.0);
+        let (fw, fh) = (full.0 as f64, full.1 as f64);
         let (sx, sy) = (fw / nw as f64 / f, fh / nh as f64 / f);
         let crop = self.crop as f64;
         let (x0, y0) = (left as f64 * sx, top as f64 * sy);
@@ -449,7 +445,8 @@ impl Preprocess {
     /// (channel-major): [`Preprocess::load`] without the tensor, for worker threads.
     pub fn load_pixels(&self, path: impl AsRef<Path>) -> Result<Vec<f32>> {
         let decoded = self.decode(path.as_ref(), true)?;
-        let (crop, _) = self.resize_and_crop_decoded(&decoded, |_, _, centre| centre)?;
+        let (crop, _) =
+            self.resize_and_crop_scaled(&decoded.image, decoded.full, |_, _, centre| centre)?;
         Ok(self.to_values(&crop))
     }
 
@@ -617,14 +614,13 @@ mod tests {
                 assert!(dw >= nw && dh >= nh, "{dw}x{dh} below the {nw}x{nh} target");
                 // Both targets (shorter side 256, exact 256x256) allow the same scale here.
                 assert_eq!(w.div_ceil(dw), factor, "{w}x{h} decoded at {dw}x{dh}");
-                let whole = Decoded {
-                    image: p.open(&path).unwrap(),
-                    full: (w, h),
-                };
+                let whole = p.open(&path).unwrap();
                 for place in [None, Some((0, 0)), Some((nw - p.crop, nh - p.crop))] {
                     let at = |_, _, centre| place.unwrap_or(centre);
-                    let (a, pa) = p.resize_and_crop_decoded(&decoded, at).unwrap();
-                    let (b, pb) = p.resize_and_crop_decoded(&whole, at).unwrap();
+                    let (a, pa) = p
+                        .resize_and_crop_scaled(&decoded.image, decoded.full, at)
+                        .unwrap();
+                    let (b, pb) = p.resize_and_crop_scaled(&whole, (w, h), at).unwrap();
                     assert_eq!(pa, pb);
                     let mean = a
                         .as_raw()

@@ -145,19 +145,17 @@ impl Study {
     /// Keeps only the named variants (the baseline always stays: every claim is measured
     /// against it). An unknown name is an error listing the known ones.
     pub fn only(mut self, names: &[String]) -> Result<Self> {
+        // `lrn` names the LRN arm whichever way it goes.
+        let named =
+            |v: &Variant, name: &str| v.name == name || (name == "lrn" && v.name == "no-lrn");
         for name in names {
-            let known = |v: &Variant| &v.name == name || (name == "lrn" && v.name == "no-lrn");
-            if !self.variants.iter().any(known) {
+            if !self.variants.iter().any(|v| named(v, name)) {
                 let all: Vec<_> = self.variants.iter().map(|v| v.name.as_str()).collect();
                 return Err(Error::parse("variant", name, all.join(", ")));
             }
         }
-        self.variants.retain(|v| {
-            v.name == "baseline"
-                || names
-                    .iter()
-                    .any(|n| n == &v.name || (n == "lrn" && v.name == "no-lrn"))
-        });
+        self.variants
+            .retain(|v| v.name == "baseline" || names.iter().any(|n| named(v, n)));
         Ok(self)
     }
 

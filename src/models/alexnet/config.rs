@@ -107,27 +107,40 @@ impl Layout {
     }
 }
 
-impl fmt::Display for Layout {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
+/// `Display` as `name()`, and `FromStr` from a name or an alias, in any case, with `-` and `_`
+/// ignored; an unknown name is [`Error::parse`] naming what was expected.
+macro_rules! named_enum {
+    ($ty:ident, $what:literal, $expected:literal, { $($alias:literal => $v:expr),* $(,)? }) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                let key = s.to_ascii_lowercase().replace(['-', '_'], "");
+                $(if key == $alias {
+                    return Ok($v);
+                })*
+                $ty::ALL
+                    .into_iter()
+                    .find(|v| v.name().replace('-', "") == key)
+                    .ok_or_else(|| Error::parse($what, s, $expected))
+            }
+        }
+    };
 }
 
-impl FromStr for Layout {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
-            "torchvision" | "tv" => Ok(Layout::TorchVision),
-            "bvlcalexnet" | "alexnet" | "bvlc" | "original" | "twotower" => Ok(Layout::BvlcAlexNet),
-            "caffenet" | "bvlcreferencecaffenet" => Ok(Layout::CaffeNet),
-            _ => Err(Error::parse(
-                "layout",
-                s,
-                "torchvision, bvlc-alexnet or caffenet",
-            )),
-        }
-    }
-}
+named_enum!(Layout, "layout", "torchvision, bvlc-alexnet or caffenet", {
+    "tv" => Layout::TorchVision,
+    "alexnet" => Layout::BvlcAlexNet,
+    "bvlc" => Layout::BvlcAlexNet,
+    "original" => Layout::BvlcAlexNet,
+    "twotower" => Layout::BvlcAlexNet,
+    "bvlcreferencecaffenet" => Layout::CaffeNet,
+});
 
 /// The nonlinearity after every conv and after fc6 and fc7.
 ///
@@ -188,30 +201,6 @@ impl Pooling {
             Pooling::NonOverlapping => (2, 2, false),
         }
     }
-}
-
-macro_rules! named_enum {
-    ($ty:ident, $what:literal, $expected:literal, { $($alias:literal => $v:expr),* $(,)? }) => {
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-
-        impl FromStr for $ty {
-            type Err = Error;
-            fn from_str(s: &str) -> Result<Self> {
-                let key = s.to_ascii_lowercase().replace(['-', '_'], "");
-                $(if key == $alias {
-                    return Ok($v);
-                })*
-                $ty::ALL
-                    .into_iter()
-                    .find(|v| v.name().replace('-', "") == key)
-                    .ok_or_else(|| Error::parse($what, s, $expected))
-            }
-        }
-    };
 }
 
 named_enum!(Activation, "activation", "relu or tanh", {});

@@ -5,7 +5,7 @@
 //! ```
 //! Prints one JSON line per decode mode (the full decode, and the DCT-scaled decode that is the
 //! default): wall and CPU milliseconds per image. CPU time counts every thread of the process:
-//! a decoder that hands work to helper threads costs a busy machine's cores that time. `benches/decode_vs_pil.py` runs it beside PIL +
+//! work handed to other threads costs a busy machine's cores that time. `benches/decode_vs_pil.py` runs it beside PIL +
 //! torchvision's transforms on the same files.
 
 use std::time::Instant;

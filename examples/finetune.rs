@@ -43,10 +43,19 @@ fn main() -> Result<()> {
     // Many same-sized steps: reuse freed memory rather than fault it back in each time.
     candle_zoo::memory::retain_freed_memory();
     let args = Args::parse();
-    let device = args.model.device()?;
-    let mut trainer = args.train.trainer(&device, |train, val| {
-        let loaded = args.model.load(&device)?;
-        eprintln!("pretrained weights: {}", loaded.path.display());
+    let placement = args.train.connect(&args.model.device()?)?;
+    let comm = placement.comm.clone();
+    // An error on one process of a data-parallel run ends them all at once.
+    candle_zoo::dist::abort_on_error(&*comm, finetune(&args, placement))
+}
+
+fn finetune(args: &Args, placement: candle_zoo::dist::Placement) -> Result<()> {
+    let rank0 = placement.comm.rank() == 0;
+    let mut trainer = args.train.trainer(placement, |train, val, placement| {
+        let loaded = args.model.load(&placement.device)?;
+        if rank0 {
+            eprintln!("pretrained weights: {}", loaded.path.display());
+        }
         let model = loaded
             .model
             .config()
@@ -83,10 +92,11 @@ fn main() -> Result<()> {
             val,
             settings,
             &args.train.out,
-            &device,
+            placement,
         )
     })?;
     run_training(&mut trainer, "fine-tuning").context("fine-tuning failed")?;
+    // Rank 0 alone evaluates.
     if let Some(eval) = trainer.last_evaluation() {
         println!("confusion matrix (rows: true class, columns: predicted):");
         print!("{}", eval.confusion_table(&trainer.classes()));

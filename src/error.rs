@@ -138,6 +138,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A data-parallel run that cannot go on: a peer died or hangs, or the processes disagree.
+    #[error("rank {rank} of {world}: {reason}")]
+    Distributed {
+        rank: usize,
+        world: usize,
+        reason: String,
+    },
+
     /// An error raised inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -9,6 +9,7 @@
 //! | [`layers`] | the layers candle lacks (LRN, adaptive average pool, a trainable overlapping max-pool) and the CPU conv and linear ops, with their kernels |
 //! | [`weights`] | checkpoints, the registry of published weights ([`weights::AlexNetWeights`]), the hub, and the Caffe/ONNX/PyTorch converters |
 //! | [`data`] | image inputs, preprocessing, augmentation, labelled datasets and feature files |
+//! | [`dist`] | data-parallel training: the [`dist::Collective`] engines (MPI, NCCL) and the bucketed gradient all-reduce |
 //! | [`train`] | the training loop, its checkpoints, evaluation, reports, the optimizer and its schedules, plots |
 //! | `cli` | (feature `cli`) the flags the examples share |
 //! | [`device`], [`io`], [`memory`], [`rng`] | device choice, atomic writes, keeping freed memory, the seeded RNG |
@@ -34,12 +35,15 @@
 //! |---|---|
 //! | `pretrained` | `weights::hub`: downloads from the Hugging Face hub (pulls in an HTTP client, `ureq` with rustls) |
 //! | `cli` | `cli`: the examples' shared flags and progress display (pulls in clap and indicatif) |
+//! | `mpi` | `dist::mpi`: data-parallel training over MPI (rsmpi; needs an MPI library and libclang to build) |
+//! | `nccl` | `dist::nccl`: data-parallel training over NCCL on CUDA GPUs (implies `cuda`) |
 //! | `cuda`, `cudnn`, `metal`, `mkl`, `accelerate` | candle's backends |
 
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod dist;
 mod error;
 pub mod io;
 pub mod layers;

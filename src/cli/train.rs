@@ -8,6 +8,7 @@ use candle_core::Device;
 use super::Progress;
 use crate::data::dataset::ImageFolder;
 use crate::data::preprocess::Preprocess;
+use crate::dist::{Engine, Placement};
 use crate::error::{Error, Result};
 use crate::models::alexnet::{Activation, Config, Layout, Pooling};
 use crate::train::optim::{LrSchedule, SgdConfig};
@@ -172,6 +173,12 @@ pub struct TrainArgs {
     /// --epochs and --workers may change).
     #[arg(long)]
     pub resume: bool,
+
+    /// Data-parallel engine: auto (one process unless mpirun, srun or torchrun started
+    /// several: then NCCL on CUDA, else MPI), none, mpi or nccl. --batch-size is the global
+    /// batch, split over the processes.
+    #[arg(long, default_value = "auto")]
+    pub engine: Engine,
 }
 
 impl TrainArgs {
@@ -215,36 +222,66 @@ impl TrainArgs {
         Ok((train, val))
     }
 
+    /// This process's place in the run --engine asks for, on `device` (a CUDA device becomes
+    /// the process's own GPU in a multi-process launch): see [`crate::dist::connect`].
+    pub fn connect(&self, device: &Device) -> Result<Placement> {
+        crate::dist::connect(self.engine, device)
+    }
+
     /// `Trainer::resume` on --out, or `start` for a new run; refuses to start over an existing
     /// run without --resume.
     pub fn trainer(
         &self,
-        device: &Device,
-        start: impl FnOnce(ImageFolder, Option<ImageFolder>) -> Result<Trainer>,
+        placement: Placement,
+        start: impl FnOnce(ImageFolder, Option<ImageFolder>, Placement) -> Result<Trainer>,
     ) -> Result<Trainer> {
         let (train, val) = self.open_data()?;
         if self.resume {
-            Trainer::resume(&self.out, train, val, self.epochs, self.workers, device)
+            Trainer::resume(&self.out, train, val, self.epochs, self.workers, placement)
         } else {
-            start(train, val)
+            start(train, val, placement)
         }
     }
 }
 
 /// Runs a trainer to the end with a progress bar per epoch and a summary line per epoch,
 /// after a line saying what runs where (`what`: "training", "fine-tuning").
+/// In a data-parallel run, rank 0 alone reports progress and epochs; every rank reports the
+/// images it skipped.
 pub fn run_training(trainer: &mut Trainer, what: &str) -> Result<()> {
-    eprintln!(
-        "{what} a {} AlexNet ({} classes) on {}; outputs in {}",
-        trainer.model().layout(),
-        trainer.model().num_classes(),
-        crate::device::describe(trainer.device()),
-        trainer.out_dir().display()
+    let (rank, world) = (
+        trainer.collective().rank(),
+        trainer.collective().world_size(),
     );
+    let quiet = rank != 0;
+    let processes = match world {
+        1 => String::new(),
+        n => format!(
+            " x {n} processes ({}, global batch {})",
+            trainer.collective().engine(),
+            trainer.config().batch_size
+        ),
+    };
+    if !quiet {
+        eprintln!(
+            "{what} a {} AlexNet ({} classes) on {}{processes}; outputs in {}",
+            trainer.model().layout(),
+            trainer.model().num_classes(),
+            crate::device::describe(trainer.device()),
+            trainer.out_dir().display()
+        );
+    }
     let mut bar: Option<Progress> = None;
     let mut eval_bar: Option<Progress> = None;
     let mut skipped = 0usize;
     trainer.run(&mut |event| {
+        if quiet {
+            if let Event::Skipped { path, error } = event {
+                skipped += 1;
+                eprintln!("rank {rank}: skipped {}: {error}", path.display());
+            }
+            return ControlFlow::Continue(());
+        }
         match event {
             Event::EpochStart {
                 epoch,

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | tensors `optim.momentum.<key>` | the SGD momentum buffer of parameter `<key>` |
 //! | `train.config` | the run's [`TrainConfig`], JSON |
-//! | `train.state` | where the run stands (epoch, batch, dropout stream, running sums, history), JSON |
+//! | `train.state` | where the run stands (epoch, batch, running sums, history), JSON; dropout masks are a function of (seed, epoch, sample), so no stream is saved |
 //! | `train.scheduler` | the learning-rate [`Scheduler`] with its state, JSON |
 //! | `train.optimizer` | the [`SgdState`] (config, steps, which parameters have momentum), JSON |
 //!
@@ -26,7 +26,6 @@ use super::TrainConfig;
 use crate::data::preprocess::Preprocess;
 use crate::error::{Error, Result};
 use crate::models::alexnet::{AlexNet, Config};
-use crate::rng::Rng;
 use crate::weights::{metadata, save_safetensors, Checkpoint};
 
 const CONFIG: &str = "train.config";
@@ -35,9 +34,6 @@ const SCHEDULER: &str = "train.scheduler";
 const OPTIMIZER: &str = "train.optimizer";
 /// Prefix of the momentum buffers' tensor names.
 const MOMENTUM: &str = "optim.momentum.";
-
-/// Stream id of the dropout masks (sample ids are indices, far below it).
-const DROPOUT_STREAM: u64 = u64::MAX - 1;
 
 /// Running sums of a training epoch (saved in mid-epoch checkpoints so that a resumed epoch
 /// reports the same figures).
@@ -57,19 +53,16 @@ pub(super) struct RunState {
     pub epoch: usize,
     /// Batches of `epoch` already trained.
     pub batch: usize,
-    /// The dropout stream at that point.
-    pub dropout_rng: Rng,
     pub tally: Tally,
     pub history: Vec<EpochRecord>,
     pub best_top1: Option<f64>,
 }
 
 impl RunState {
-    pub fn start(seed: u64) -> Self {
+    pub fn start() -> Self {
         Self {
             epoch: 0,
             batch: 0,
-            dropout_rng: dropout_stream(seed, 0),
             tally: Tally::default(),
             history: Vec::new(),
             best_top1: None,
@@ -77,18 +70,11 @@ impl RunState {
     }
 
     /// Moves on to the next epoch.
-    pub fn next_epoch(&mut self, seed: u64) {
+    pub fn next_epoch(&mut self) {
         self.epoch += 1;
         self.batch = 0;
         self.tally = Tally::default();
-        self.dropout_rng = dropout_stream(seed, self.epoch);
     }
-}
-
-/// The dropout masks of an epoch come from their own stream, so that an epoch's masks do not
-/// depend on how the one before ended.
-fn dropout_stream(seed: u64, epoch: usize) -> Rng {
-    Rng::stream(seed, &[epoch as u64, DROPOUT_STREAM])
 }
 
 /// The named tensors and the metadata of a safetensors file.

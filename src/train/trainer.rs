@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{Device, ModuleT, Tensor};
+use candle_core::{Device, ModuleT, Tensor, Var};
 
 use super::checkpoint::{self, Run, RunState};
 use super::eval::{evaluate, hits, Evaluation};
@@ -16,6 +16,7 @@ use super::{TrainConfig, BEST, CHECKPOINT, CONFUSION_CSV, METRICS_CSV, METRICS_P
 use crate::data::augment::Augment;
 use crate::data::dataset::{epoch_order, ImageFolder, LabelledLoader};
 use crate::data::preprocess::Preprocess;
+use crate::dist::{Collective, GradSync, Placement, BUCKET_BYTES};
 use crate::error::{Error, Result};
 use crate::io::OutputLock;
 use crate::models::alexnet::{AlexNet, Config};
@@ -58,6 +59,10 @@ pub enum Event<'a> {
 }
 
 /// Trains an [`AlexNet`] on an [`ImageFolder`], from scratch or from pretrained weights.
+///
+/// In a data-parallel run (a [`Placement`] from [`crate::dist::connect`]) each process builds
+/// its own trainer; `batch_size` is the global batch, split evenly over the ranks; rank 0 alone
+/// evaluates and writes the output folder, and its figures are the whole batch's.
 pub struct Trainer {
     model: AlexNet,
     sgd: Sgd,
@@ -70,8 +75,14 @@ pub struct Trainer {
     out: PathBuf,
     state: RunState,
     last_eval: Option<Evaluation>,
-    /// The output folder's lock, held for the trainer's life.
-    _lock: OutputLock,
+    /// Sums gradients and figures over the ranks (a no-op for one process).
+    sync: GradSync,
+    /// Every variable of the model, by checkpoint key.
+    vars: Vec<(String, Var)>,
+    /// Whether the ranks have checked their settings and taken rank 0's weights.
+    joined: bool,
+    /// The output folder's lock, held for the trainer's life (rank 0's alone).
+    _lock: Option<OutputLock>,
 }
 
 /// Everything a run is made of, before the optimizer is built over the model.
@@ -83,7 +94,7 @@ struct Parts {
     val: Option<ImageFolder>,
     config: TrainConfig,
     out: PathBuf,
-    lock: OutputLock,
+    lock: Option<OutputLock>,
     state: RunState,
     scheduler: Scheduler,
 }
@@ -99,9 +110,9 @@ impl Trainer {
         val: Option<ImageFolder>,
         config: TrainConfig,
         out: impl AsRef<Path>,
-        device: &Device,
+        placement: impl Into<Placement>,
     ) -> Result<Self> {
-        Self::with_weights(model, &[], preprocess, train, val, config, out, device)
+        Self::with_weights(model, &[], preprocess, train, val, config, out, placement)
     }
 
     /// A new run whose weights start from `weights` (checkpoint key names, as
@@ -116,8 +127,10 @@ impl Trainer {
         val: Option<ImageFolder>,
         config: TrainConfig,
         out: impl AsRef<Path>,
-        device: &Device,
+        placement: impl Into<Placement>,
     ) -> Result<Self> {
+        let placement = placement.into();
+        let device = &placement.device;
         config.validate()?;
         for data in std::iter::once(&train).chain(&val) {
             if data.classes().len() != model.num_classes {
@@ -130,14 +143,21 @@ impl Trainer {
             }
         }
         let out = out.as_ref().to_path_buf();
-        std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
-        let lock = lock_output(&out)?;
-        if out.join(CHECKPOINT).exists() {
-            return Err(Error::Invalid(format!(
-                "{} already holds a run ({CHECKPOINT}): resume it, or choose another output folder",
-                out.display()
-            )));
-        }
+        let lock = match placement.comm.rank() {
+            0 => {
+                std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+                let lock = lock_output(&out)?;
+                if out.join(CHECKPOINT).exists() {
+                    return Err(Error::Invalid(format!(
+                        "{} already holds a run ({CHECKPOINT}): resume it, or choose another \
+                         output folder",
+                        out.display()
+                    )));
+                }
+                Some(lock)
+            }
+            _ => None,
+        };
         let start = Start::Fresh {
             seed: config.seed,
             pretrained: weights,
@@ -150,27 +170,31 @@ impl Trainer {
                 preprocess,
                 train,
                 val,
-                state: RunState::start(config.seed),
+                state: RunState::start(),
                 scheduler: Scheduler::new(config.schedule.clone(), config.sgd.lr),
                 config,
                 out,
                 lock,
             },
             None,
-            device,
+            placement,
         )
     }
 
     /// Continues the run in `out` from its checkpoint, with the settings it was started with.
     /// `epochs` (to extend a run) and `workers` may differ; the data must have the same classes.
+    /// A data-parallel run may resume with another number of processes that divides its batch;
+    /// every rank reads the checkpoint, so `out` must be on storage they share.
     pub fn resume(
         out: impl AsRef<Path>,
         train: ImageFolder,
         val: Option<ImageFolder>,
         epochs: Option<usize>,
         workers: Option<usize>,
-        device: &Device,
+        placement: impl Into<Placement>,
     ) -> Result<Self> {
+        let placement = placement.into();
+        let device = &placement.device;
         let out = out.as_ref().to_path_buf();
         let path = out.join(CHECKPOINT);
         if !path.exists() {
@@ -179,7 +203,10 @@ impl Trainer {
                 path.display()
             )));
         }
-        let lock = lock_output(&out)?;
+        let lock = match placement.comm.rank() {
+            0 => Some(lock_output(&out)?),
+            _ => None,
+        };
         let saved = checkpoint::read(&path, device)?;
         for (split, data) in [("training", Some(&train)), ("validation", val.as_ref())] {
             if let Some(data) = data {
@@ -215,7 +242,7 @@ impl Trainer {
             state: saved.state,
             scheduler: saved.scheduler,
         };
-        Self::assemble(parts, Some((&saved.sgd, &saved.momentum)), device).map_err(|e| match e {
+        Self::assemble(parts, Some((&saved.sgd, &saved.momentum)), placement).map_err(|e| match e {
             Error::Invalid(reason) => Error::checkpoint(&path, reason),
             e => e,
         })
@@ -229,13 +256,26 @@ impl Trainer {
             &super::optim::SgdState,
             &std::collections::HashMap<String, Tensor>,
         )>,
-        device: &Device,
+        placement: Placement,
     ) -> Result<Self> {
         let groups = param_groups(&parts.model, &parts.vars, &parts.config.policy)?;
+        let world = placement.comm.world_size();
+        if !parts.config.batch_size.is_multiple_of(world) {
+            return Err(Error::Invalid(format!(
+                "batch size {} does not split evenly over {world} processes: choose a multiple \
+                 of {world}",
+                parts.config.batch_size
+            )));
+        }
+        let trainable = groups.iter().flat_map(|g| g.params.clone()).collect();
+        let sync = GradSync::new(placement.comm, trainable, BUCKET_BYTES)?;
         let mut optimizer = Sgd::new(groups, parts.config.sgd)?;
         if let Some((state, buffers)) = sgd {
             optimizer.load_state(state, buffers)?;
         }
+        let mut vars: Vec<_> = parts.vars.into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let device = &placement.device;
         Ok(Self {
             model: parts.model,
             sgd: optimizer,
@@ -248,6 +288,9 @@ impl Trainer {
             out: parts.out,
             state: parts.state,
             last_eval: None,
+            sync,
+            vars,
+            joined: false,
             _lock: parts.lock,
         })
     }
@@ -286,8 +329,47 @@ impl Trainer {
         &self.out
     }
 
+    /// The processes this trainer trains with (one, unless it was placed in a data-parallel
+    /// run).
+    pub fn collective(&self) -> &dyn Collective {
+        self.sync.comm()
+    }
+
+    /// Checks that every rank runs the same job at the same point, then gives all of them rank
+    /// 0's weights. Once, before the first step.
+    fn join(&mut self) -> Result<()> {
+        if self.joined || self.sync.world_size() == 1 {
+            self.joined = true;
+            return Ok(());
+        }
+        // `workers` may differ between ranks (machines differ); nothing else may.
+        let config = TrainConfig {
+            workers: 0,
+            ..self.config.clone()
+        };
+        let settings = format!("{config:?} {:?} {:?}", self.model.config(), self.preprocess);
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(settings.as_bytes());
+        let word =
+            |i: usize| u32::from_le_bytes(digest[i * 4..i * 4 + 4].try_into().unwrap()) as f64;
+        self.sync.check_same(
+            "the settings, the data or where the run stands",
+            &[
+                word(0),
+                word(1),
+                self.train_set.len() as f64,
+                self.val_set.as_ref().map_or(0, |v| v.len()) as f64,
+                self.state.epoch as f64,
+                self.state.batch as f64,
+            ],
+        )?;
+        self.sync.broadcast_from_rank0(&self.vars)?;
+        self.joined = true;
+        Ok(())
+    }
+
     /// Trains until `config.epochs` epochs are done or `observer` breaks.
     pub fn run(&mut self, observer: &mut dyn FnMut(Event) -> ControlFlow<()>) -> Result<()> {
+        self.join()?;
         while self.state.epoch < self.config.epochs {
             if self.train_epoch(observer)?.is_break() {
                 return Ok(());
@@ -311,7 +393,15 @@ impl Trainer {
         let started = Instant::now();
         let seconds_before = self.state.tally.seconds;
         let cfg = &self.config;
+        // Every rank shuffles alike and takes its slice of each (global) batch.
+        let (rank, world) = (self.sync.rank(), self.sync.world_size());
         let order = epoch_order(self.train_set.len(), cfg.seed, epoch as u64, true);
+        let local = cfg.batch_size / world;
+        let batches = order.len().div_ceil(cfg.batch_size);
+        let mine: Vec<usize> = order
+            .chunks(cfg.batch_size)
+            .flat_map(|batch| batch.iter().skip(rank * local).take(local).copied())
+            .collect();
         let mut augment = Augment::train(self.preprocess.clone());
         if !cfg.random_crop {
             augment.crop = crate::data::augment::Crop::Center;
@@ -320,16 +410,15 @@ impl Trainer {
         augment.lighting = cfg.lighting;
         let loader = LabelledLoader::new(
             self.train_set.clone(),
-            order,
+            mine,
             augment,
-            cfg.batch_size,
+            local,
             false,
             cfg.workers,
             cfg.seed,
             epoch as u64,
         )?;
-        let batches = loader.len();
-        let loader = loader.skip_batches(self.state.batch);
+        let mut loader = loader.skip_batches(self.state.batch);
         let lr = self.sgd.lr();
         if observer(Event::EpochStart {
             epoch: epoch + 1,
@@ -341,35 +430,19 @@ impl Trainer {
         {
             return Ok(ControlFlow::Break(()));
         }
-        let freeze = cfg.policy.freeze_through;
         let every = cfg.checkpoint_every;
-        for batch in loader {
-            let batch = batch?;
-            for (path, error) in &batch.failed {
+        while self.state.batch < batches {
+            // A rank whose share of the last batch is empty has no batch, and still sums.
+            let batch = loader.next().transpose()?;
+            for (path, error) in batch.iter().flat_map(|b| &b.failed) {
                 let _ = observer(Event::Skipped { path, error });
             }
             self.state.batch += 1;
-            if !batch.is_empty() {
-                let (x, y) = batch.tensors(&self.device)?;
-                let logits = self
-                    .model
-                    .train_view()
-                    .with_rng(&mut self.state.dropout_rng)
-                    .freeze_through(freeze)
-                    .forward_t(&x, true)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-                self.sgd.backward_step(&loss)?;
-                let loss = loss.to_scalar::<f32>()? as f64;
-                let (top1, top5) = hits(&logits, &batch.labels)?;
-                let t = &mut self.state.tally;
-                t.images += batch.len() as u64;
-                t.loss_sum += loss * batch.len() as f64;
-                t.top1 += top1;
-                t.top5 += top5;
+            if let Some((images, loss)) = self.step(batch.as_ref(), epoch)? {
                 let flow = observer(Event::Batch {
                     epoch: epoch + 1,
                     batch: self.state.batch,
-                    images: batch.len(),
+                    images,
                     loss,
                 });
                 if flow.is_break() {
@@ -381,9 +454,9 @@ impl Trainer {
                 self.save_checkpoint(observer)?;
             }
         }
-        // The epoch's figures.
+        // The epoch's figures: rank 0 evaluates, the others receive its figures.
         let eval = match &self.val_set {
-            Some(val) => {
+            Some(val) if rank == 0 => {
                 let augment = Augment::eval(self.preprocess.clone());
                 Some(evaluate(
                     &self.model,
@@ -396,8 +469,16 @@ impl Trainer {
                     observer,
                 )?)
             }
-            None => None,
+            _ => None,
         };
+        let mut val = match &eval {
+            Some(e) => [1.0, e.loss, e.top1, e.top5],
+            None => [0.0; 4],
+        };
+        if world > 1 {
+            self.sync.all_reduce_f64(&mut val)?;
+        }
+        let val = (val[0] > 0.0).then_some(val);
         let t = &self.state.tally;
         let n = t.images.max(1) as f64;
         let record = EpochRecord {
@@ -406,9 +487,9 @@ impl Trainer {
             train_loss: t.loss_sum / n,
             train_top1: t.top1 as f64 / n,
             train_top5: t.top5 as f64 / n,
-            val_loss: eval.as_ref().map(|e| e.loss),
-            val_top1: eval.as_ref().map(|e| e.top1),
-            val_top5: eval.as_ref().map(|e| e.top5),
+            val_loss: val.map(|v| v[1]),
+            val_top1: val.map(|v| v[2]),
+            val_top5: val.map(|v| v[3]),
             seconds: seconds_before + started.elapsed().as_secs_f64(),
         };
         let monitored = record.val_top1.unwrap_or(record.train_top1);
@@ -416,21 +497,79 @@ impl Trainer {
         self.sgd.set_lr(next_lr);
         let best = self.state.best_top1.is_none_or(|b| monitored > b);
         self.state.history.push(record.clone());
-        self.state.next_epoch(self.config.seed);
+        self.state.next_epoch();
         if best {
             self.state.best_top1 = Some(monitored);
+        }
+        if best && rank == 0 {
             let (tensors, meta) =
                 checkpoint::weights(&self.model, &self.preprocess, self.train_set.classes())?;
             save_safetensors(self.out.join(BEST), &tensors, &meta)?;
         }
         self.last_eval = eval;
-        write_metrics(&self.out, &self.state.history)?;
+        if rank == 0 {
+            write_metrics(&self.out, &self.state.history)?;
+        }
         let _ = observer(Event::Epoch(&record));
         self.save_checkpoint(observer)?;
         Ok(ControlFlow::Continue(()))
     }
 
+    /// One SGD step on `batch` (this rank's share of the global batch; `None` or empty when it
+    /// has none): the gradients and figures summed over the ranks. Returns the global batch's
+    /// images and mean loss, or `None` when no rank had an image.
+    fn step(
+        &mut self,
+        batch: Option<&crate::data::dataset::LabelledBatch>,
+        epoch: usize,
+    ) -> Result<Option<(usize, f64)>> {
+        let cfg = &self.config;
+        let mut figures = [0.0f64; 4];
+        let mut grads = None;
+        if let Some(batch) = batch.filter(|b| !b.is_empty()) {
+            let (x, y) = batch.tensors(&self.device)?;
+            let logits = self
+                .model
+                .train_view()
+                .with_sample_masks(cfg.seed, epoch as u64, &batch.indices)
+                .freeze_through(cfg.policy.freeze_through)
+                .forward_t(&x, true)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
+            grads = Some(loss.backward()?);
+            let (top1, top5) = hits(&logits, &batch.labels)?;
+            let n = batch.len() as f64;
+            figures = [
+                n,
+                loss.to_scalar::<f32>()? as f64 * n,
+                top1 as f64,
+                top5 as f64,
+            ];
+        }
+        let local = figures[0];
+        if self.sync.world_size() > 1 {
+            self.sync.all_reduce_f64(&mut figures)?;
+        }
+        let [images, loss_sum, top1, top5] = figures;
+        if images == 0.0 {
+            return Ok(None);
+        }
+        let grads = match grads {
+            Some(g) if self.sync.world_size() == 1 => g,
+            g => self.sync.all_reduce_grads(g.as_ref(), local / images)?,
+        };
+        self.sgd.step(&grads)?;
+        let t = &mut self.state.tally;
+        t.images += images as u64;
+        t.loss_sum += loss_sum;
+        t.top1 += top1 as u64;
+        t.top5 += top5 as u64;
+        Ok(Some((images as usize, loss_sum / images)))
+    }
+
     fn save_checkpoint(&self, observer: &mut dyn FnMut(Event) -> ControlFlow<()>) -> Result<()> {
+        if self.sync.rank() != 0 {
+            return Ok(());
+        }
         let path = self.out.join(CHECKPOINT);
         let run = Run {
             model: &self.model,

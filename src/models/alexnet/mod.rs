@@ -268,7 +268,7 @@ impl AlexNet {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mode = if train {
             Mode::Train {
-                rng: None,
+                masks: None,
                 frozen: None,
             }
         } else {
@@ -296,7 +296,7 @@ impl AlexNet {
         frozen_through: Option<Tap>,
     ) -> Result<Tensor> {
         let mode = Mode::Train {
-            rng: Some(rng),
+            masks: Some(Masks::Stream(rng)),
             frozen: frozen_through,
         };
         self.run(x, Tap::Fc8, mode, |_, _| {})
@@ -312,9 +312,9 @@ impl AlexNet {
     ) -> Result<Tensor> {
         self.config.check_input(x.dims())?;
         let layout = self.config.layout;
-        let (train, mut rng, frozen) = match mode {
+        let (train, mut masks, frozen) = match mode {
             Mode::Eval => (false, None, None),
-            Mode::Train { rng, frozen } => (true, rng, frozen),
+            Mode::Train { masks, frozen } => (true, masks, frozen),
         };
         // Taps the output of `at` and, at the frozen boundary, cuts the graph so that no
         // gradient is computed for the layers before it.
@@ -336,17 +336,36 @@ impl AlexNet {
             }
         };
         let p = self.config.dropout;
+        let mut dropout_layer = 0u64;
         let mut drop = |t: Tensor| -> candle_core::Result<Tensor> {
-            match rng.as_deref_mut() {
-                _ if !train || p == 0.0 => Ok(t),
-                None => candle_nn::ops::dropout(&t, p),
-                Some(rng) => {
-                    let mask = rng.dropout_mask(t.elem_count(), p);
-                    let mask =
-                        Tensor::from_vec(mask, t.shape(), t.device())?.to_dtype(t.dtype())?;
-                    t * mask
+            dropout_layer += 1;
+            let mask = match masks.as_mut() {
+                _ if !train || p == 0.0 => return Ok(t),
+                None => return candle_nn::ops::dropout(&t, p),
+                Some(Masks::Stream(rng)) => rng.dropout_mask(t.elem_count(), p),
+                Some(Masks::PerSample {
+                    seed,
+                    epoch,
+                    samples,
+                }) => {
+                    let (rows, width) = t.dims2()?;
+                    if rows != samples.len() {
+                        candle_core::bail!(
+                            "dropout masks for {} samples, but the batch has {rows}",
+                            samples.len()
+                        );
+                    }
+                    samples
+                        .iter()
+                        .flat_map(|&s| {
+                            let ids = [*epoch, s as u64, DROPOUT_ID, dropout_layer];
+                            Rng::stream(*seed, &ids).dropout_mask(width, p)
+                        })
+                        .collect()
                 }
-            }
+            };
+            let mask = Tensor::from_vec(mask, t.shape(), t.device())?.to_dtype(t.dtype())?;
+            t * mask
         };
         // conv + bias + ReLU as one op (a gemm forward and backward on the CPU); tanh follows
         // the op instead. The conv and fc taps are after the activation.
@@ -416,11 +435,27 @@ impl Module for AlexNet {
 /// How `AlexNet::run` treats dropout and frozen layers.
 enum Mode<'a> {
     Eval,
-    /// Training: dropout from `rng` (candle's unseeded generator without one), and an optional
-    /// frozen prefix.
+    /// Training: dropout from `masks` (candle's unseeded generator without them), and an
+    /// optional frozen prefix.
     Train {
-        rng: Option<&'a mut Rng>,
+        masks: Option<Masks<'a>>,
         frozen: Option<Tap>,
+    },
+}
+
+/// The stream id of per-sample dropout masks, beside the epoch, the sample and the layer.
+const DROPOUT_ID: u64 = u64::MAX - 1;
+
+/// Where seeded dropout masks come from.
+pub(super) enum Masks<'a> {
+    /// One stream for the whole batch, in order.
+    Stream(&'a mut Rng),
+    /// Each sample's rows from `Rng::stream(seed, [epoch, sample, DROPOUT_ID, layer])`: the
+    /// same mask whatever batch, position or process the sample is in.
+    PerSample {
+        seed: u64,
+        epoch: u64,
+        samples: &'a [usize],
     },
 }
 

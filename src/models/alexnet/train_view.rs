@@ -4,7 +4,7 @@ use std::cell::RefCell;
 
 use candle_core::{ModuleT, Tensor};
 
-use super::{AlexNet, Mode, Tap};
+use super::{AlexNet, Masks, Mode, Tap};
 use crate::rng::Rng;
 
 /// AlexNet in training mode for code written against candle's [`ModuleT`], from
@@ -46,7 +46,7 @@ use crate::rng::Rng;
 /// ```
 pub struct TrainView<'a> {
     model: &'a AlexNet,
-    rng: RefCell<Option<&'a mut Rng>>,
+    masks: RefCell<Option<Masks<'a>>>,
     frozen: Option<Tap>,
 }
 
@@ -54,7 +54,7 @@ impl<'a> TrainView<'a> {
     pub(super) fn new(model: &'a AlexNet) -> Self {
         Self {
             model,
-            rng: RefCell::new(None),
+            masks: RefCell::new(None),
             frozen: None,
         }
     }
@@ -62,7 +62,38 @@ impl<'a> TrainView<'a> {
     /// Draws the dropout masks from `rng` instead of candle's unseeded generator.
     pub fn with_rng(self, rng: &'a mut Rng) -> Self {
         Self {
-            rng: RefCell::new(Some(rng)),
+            masks: RefCell::new(Some(Masks::Stream(rng))),
+            ..self
+        }
+    }
+
+    /// Draws each sample's dropout masks from its own stream, `Rng::stream(seed, [epoch,
+    /// sample, ..])`, where `samples[i]` is the dataset index of the batch's row `i`: a sample
+    /// gets the same masks whatever batch, position or process it is trained in, so a
+    /// data-parallel run draws what a single process does (what the trainer uses).
+    ///
+    /// ```
+    /// # use candle_core::{DType, Device, ModuleT, Tensor};
+    /// # use candle_nn::{VarBuilder, VarMap};
+    /// # use candle_zoo::models::alexnet::{AlexNet, Config};
+    /// # let varmap = VarMap::new();
+    /// # let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    /// # let model = AlexNet::new(&Config::torchvision().with_widths([8; 5], 16).with_classes(3), vb)?;
+    /// let x = Tensor::randn(0f32, 1., (3, 3, 64, 64), &Device::Cpu)?;
+    /// let all = model.train_view().with_sample_masks(7, 0, &[10, 11, 12]).forward_t(&x, true)?;
+    /// // Row 1 alone (sample 11) gets the logits it had inside the batch.
+    /// let one = model.train_view().with_sample_masks(7, 0, &[11]).forward_t(&x.narrow(0, 1, 1)?, true)?;
+    /// let diff = (all.narrow(0, 1, 1)? - one)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    /// assert!(diff < 1e-5);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_sample_masks(self, seed: u64, epoch: u64, samples: &'a [usize]) -> Self {
+        Self {
+            masks: RefCell::new(Some(Masks::PerSample {
+                seed,
+                epoch,
+                samples,
+            })),
             ..self
         }
     }
@@ -87,9 +118,22 @@ impl ModuleT for TrainView<'_> {
         if !train {
             return Ok(self.model.run(x, Tap::Fc8, Mode::Eval, |_, _| {})?);
         }
-        let mut rng = self.rng.borrow_mut();
+        let mut masks = self.masks.borrow_mut();
+        let masks = match masks.as_mut() {
+            None => None,
+            Some(Masks::Stream(rng)) => Some(Masks::Stream(rng)),
+            Some(Masks::PerSample {
+                seed,
+                epoch,
+                samples,
+            }) => Some(Masks::PerSample {
+                seed: *seed,
+                epoch: *epoch,
+                samples,
+            }),
+        };
         let mode = Mode::Train {
-            rng: rng.as_deref_mut(),
+            masks,
             frozen: self.frozen,
         };
         Ok(self.model.run(x, Tap::Fc8, mode, |_, _| {})?)

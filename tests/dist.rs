@@ -30,7 +30,7 @@ struct Job {
     caffe_biases: bool,
     freeze: Option<Tap>,
     epochs: usize,
-    /// `train`; `hang` (rank 1 never joins); `forever` (trains until killed).
+    /// `train`; `resume` (the run in `out`, to `epochs`); `hang` (rank 1 never joins).
     mode: String,
     data: PathBuf,
     out: PathBuf,
@@ -93,6 +93,10 @@ impl Job {
     /// The run, as one process (`placement` from `&Device::Cpu`) or as a rank.
     fn trainer(&self, placement: impl Into<Placement>) -> candle_zoo::Result<Trainer> {
         let (train, val) = ImageFolder::open_splits(&self.data)?;
+        if self.mode == "resume" {
+            let epochs = Some(self.epochs);
+            return Trainer::resume(&self.out, train, Some(val), epochs, None, placement);
+        }
         let model = common::small(self.layout)
             .with_classes(train.classes().len())
             .with_dropout(0.5);
@@ -129,13 +133,9 @@ fn rank() {
     if job.mode == "hang" && me == 1 {
         std::thread::sleep(Duration::from_secs(600));
     }
-    let result = job.trainer(placement).and_then(|mut t| {
-        t.run(&mut |_| ControlFlow::Continue(()))?;
-        while job.mode == "forever" {
-            t.run(&mut |_| ControlFlow::Continue(()))?;
-        }
-        Ok(())
-    });
+    let result = job
+        .trainer(placement)
+        .and_then(|mut t| t.run(&mut |_| ControlFlow::Continue(())));
     dist::abort_on_error(&*comm, result).unwrap();
 }
 
@@ -205,8 +205,8 @@ fn weights(out: &Path) -> Vec<(String, Vec<f32>)> {
 }
 
 /// Two ranks with 6 images each train to one rank's weights with 12 (momentum buffers included),
-/// and log the same metrics.
-fn two_ranks_equal_one(layout: Layout, caffe_biases: bool, freeze: Option<Tap>) {
+/// and log the same metrics; with `resume`, the two ranks stop after the first epoch and resume.
+fn two_ranks_equal_one(layout: Layout, caffe_biases: bool, freeze: Option<Tap>, resume: bool) {
     let dir = tempfile::tempdir().unwrap();
     dataset(&dir.path().join("data"));
     let job = |out: &str| Job {
@@ -225,8 +225,23 @@ fn two_ranks_equal_one(layout: Layout, caffe_biases: bool, freeze: Option<Tap>) 
         .run(&mut |_| ControlFlow::Continue(()))
         .unwrap();
     let two = job("two");
-    let (out, _) = mpirun(&two, 120.0, |_| {});
-    assert!(out.status.success(), "{}", text(&out));
+    let stages = match resume {
+        true => vec![
+            Job {
+                epochs: 1,
+                ..two.clone()
+            },
+            Job {
+                mode: "resume".into(),
+                ..two.clone()
+            },
+        ],
+        false => vec![two.clone()],
+    };
+    for stage in &stages {
+        let (out, _) = mpirun(stage, 120.0, |_| {});
+        assert!(out.status.success(), "{}", text(&out));
+    }
 
     let (a, b) = (weights(&two.out), weights(&single.out));
     assert_eq!(
@@ -240,7 +255,7 @@ fn two_ranks_equal_one(layout: Layout, caffe_biases: bool, freeze: Option<Tap>) 
             worst = (e, key.clone());
         }
     }
-    println!("{layout}, caffe biases {caffe_biases}, frozen {freeze:?}: worst relative difference {:.2e} ({})", worst.0, worst.1);
+    println!("{layout}, caffe biases {caffe_biases}, frozen {freeze:?}, resumed {resume}: worst relative difference {:.2e} ({})", worst.0, worst.1);
     assert!(worst.0 <= 1e-5, "{worst:?}");
     let rows = |out: &Path| -> Vec<Vec<f64>> {
         std::fs::read_to_string(out.join(METRICS_CSV))
@@ -272,17 +287,22 @@ fn two_ranks_equal_one(layout: Layout, caffe_biases: bool, freeze: Option<Tap>) 
 
 #[test]
 fn two_ranks_equal_one_torchvision() {
-    two_ranks_equal_one(Layout::TorchVision, false, None);
+    two_ranks_equal_one(Layout::TorchVision, false, None, false);
 }
 
 #[test]
 fn two_ranks_equal_one_two_towers_with_caffe_biases() {
-    two_ranks_equal_one(Layout::BvlcAlexNet, true, None);
+    two_ranks_equal_one(Layout::BvlcAlexNet, true, None, false);
 }
 
 #[test]
 fn two_ranks_equal_one_with_a_frozen_backbone() {
-    two_ranks_equal_one(Layout::TorchVision, true, Some(Tap::Conv5));
+    two_ranks_equal_one(Layout::TorchVision, true, Some(Tap::Conv5), false);
+}
+
+#[test]
+fn two_ranks_resumed_after_an_epoch_equal_one() {
+    two_ranks_equal_one(Layout::TorchVision, false, None, true);
 }
 
 fn job(dir: &Path, mode: &str) -> Job {
@@ -301,10 +321,14 @@ fn job(dir: &Path, mode: &str) -> Job {
 #[test]
 fn a_killed_rank_ends_the_run_promptly() {
     let dir = tempfile::tempdir().unwrap();
-    let (out, took) = mpirun(&job(dir.path(), "forever"), 20.0, |job| {
+    let long = Job {
+        epochs: 10_000,
+        ..job(dir.path(), "train")
+    };
+    let (out, took) = mpirun(&long, 20.0, |job| {
         let pid = job.out.with_extension("pid1");
         let deadline = Instant::now() + Duration::from_secs(60);
-        // Once rank 0 has checkpointed, both are training.
+        // Once rank 0 has checkpointed, both are training (in the second epoch).
         while !(pid.exists() && job.out.join(CHECKPOINT).exists()) {
             assert!(Instant::now() < deadline, "the run did not start");
             std::thread::sleep(Duration::from_millis(100));

@@ -11,8 +11,8 @@
 //! | `mod.rs` | [`Collective`] (what an engine does), [`Single`], [`Launch`] (rank and world from the launcher's environment), [`connect`] |
 //! | `sync.rs` | [`GradSync`]: gradients into flat buckets, one all-reduce each; rank 0's weights to all |
 //! | `watchdog.rs` | a collective that waits too long for a peer ends the process |
-//! | `mpi.rs` | (feature `mpi`) [`Mpi`](mpi::Mpi), through rsmpi |
-//! | `nccl.rs` | (feature `nccl`) `Nccl`, through cudarc; its unique id over MPI or [`rendezvous`] |
+//! | `mpi.rs` | (feature `mpi`) `Mpi`, through rsmpi |
+//! | `nccl.rs` | (feature `nccl`) `Nccl`, through cudarc; its unique id over MPI or [`share_from_rank0`] |
 //! | `rendezvous.rs` | rank 0 hands a few bytes to the others over TCP at `MASTER_ADDR:MASTER_PORT` |
 //!
 //! What makes N processes train as one (see [`crate::train::Trainer`]): the batch size is the
@@ -242,25 +242,30 @@ pub fn connect(engine: Engine, device: &Device) -> Result<Placement> {
         Engine::Auto => Engine::Mpi,
         e => e,
     };
-    let missing = |feature: &str| {
-        Err(Error::Invalid(format!(
-            "launched as rank {} of {} ({}), but this build has no {feature} engine: rebuild \
-             with --features {feature}",
-            launch.rank, launch.world_size, launch.source
-        )))
-    };
-    let comm: Rc<dyn Collective> = match engine {
-        #[cfg(feature = "mpi")]
-        Engine::Mpi => Rc::new(mpi::Mpi::init(launch)?),
-        #[cfg(not(feature = "mpi"))]
-        Engine::Mpi => return missing("mpi"),
-        #[cfg(feature = "nccl")]
-        Engine::Nccl => Rc::new(nccl::Nccl::init(launch, &device)?),
-        #[cfg(not(feature = "nccl"))]
-        Engine::Nccl => return missing("nccl"),
-        Engine::Auto | Engine::None => unreachable!("resolved above"),
-    };
+    let comm = join(engine, launch, &device)?;
     Ok(Placement::new(&device, comm))
+}
+
+/// The engine `engine` for `launch`, or an error naming the feature a build lacks.
+fn join(engine: Engine, launch: Launch, device: &Device) -> Result<Rc<dyn Collective>> {
+    let _ = device; // only NCCL needs it
+    match engine {
+        #[cfg(feature = "mpi")]
+        Engine::Mpi => Ok(Rc::new(mpi::Mpi::init(launch)?)),
+        #[cfg(feature = "nccl")]
+        Engine::Nccl => Ok(Rc::new(nccl::Nccl::init(launch, device)?)),
+        other => {
+            let feature = match other {
+                Engine::Nccl => "nccl",
+                _ => "mpi",
+            };
+            Err(Error::Invalid(format!(
+                "launched as rank {} of {} ({}), but this build has no {feature} engine: \
+                 rebuild with --features {feature}",
+                launch.rank, launch.world_size, launch.source
+            )))
+        }
+    }
 }
 
 /// Passes `result` through, except that an error in a data-parallel run is printed and ends

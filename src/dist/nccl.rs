@@ -2,7 +2,8 @@
 //! NCCL through cudarc, as PyTorch's DDP does. NCCL needs every rank to hold the same unique id
 //! before it connects them: rank 0 makes it and hands it over MPI when `mpirun`/`srun` started
 //! the run (and the `mpi` feature is on), else over TCP at `MASTER_ADDR:MASTER_PORT` as
-//! `torchrun` sets them ([`share_from_rank0`](super::share_from_rank0)).
+//! `torchrun` sets them (the port after it under torchrun, whose agent serves its own store on
+//! `MASTER_PORT`; [`share_from_rank0`](super::share_from_rank0)).
 
 use std::sync::Arc;
 
@@ -90,7 +91,19 @@ fn rendezvous(launch: Launch, mine: Option<&[u8]>) -> Result<Vec<u8>> {
             ),
         })
     };
-    let addr = format!("{}:{}", var("MASTER_ADDR")?, var("MASTER_PORT")?);
+    let port: u16 = var("MASTER_PORT")?
+        .parse()
+        .map_err(|_| Error::Distributed {
+            rank: launch.rank,
+            world: launch.world_size,
+            reason: "MASTER_PORT is not a port number".into(),
+        })?;
+    // torchrun's agent already serves its own store on MASTER_PORT: take the next port.
+    let port = match std::env::var("TORCHELASTIC_USE_AGENT_STORE").as_deref() {
+        Ok("True") => port.wrapping_add(1),
+        _ => port,
+    };
+    let addr = format!("{}:{port}", var("MASTER_ADDR")?);
     share_from_rank0(
         launch.rank,
         launch.world_size,

@@ -104,14 +104,15 @@ pub fn share_from_rank0(
 mod tests {
     use super::*;
 
+    /// A loopback address whose port was free a moment ago.
+    fn free_addr() -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
+    }
+
     #[test]
     fn every_rank_gets_rank_zeros_bytes_even_when_rank_zero_starts_last() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = free_addr();
         let id: Vec<u8> = (0..128u8).collect();
         let others: Vec<_> = (1..4)
             .map(|rank| {
@@ -131,12 +132,7 @@ mod tests {
 
     #[test]
     fn a_missing_rank_zero_is_a_bounded_error_naming_the_address() {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("127.0.0.1:{port}");
+        let addr = free_addr();
         let err = share_from_rank0(1, 2, &addr, None, 8, Duration::from_millis(500))
             .unwrap_err()
             .to_string();

@@ -11,8 +11,8 @@ use super::watchdog::Watchdog;
 use super::{collective_timeout, Collective};
 use crate::error::Result;
 
-/// A bucket's size, as DDP's default `bucket_cap_mb`: AlexNet's fc6 and fc7 weights (151 MB and
-/// 67 MB) get one each, the rest share two or three.
+/// A bucket's size, as DDP's default `bucket_cap_mb`: AlexNet's fc6 and fc7 weights (144 and
+/// 64 MiB) get one each, the other 14 parameters (25.2 MiB) share two.
 pub const BUCKET_BYTES: usize = 25 << 20;
 
 /// The parameters of a data-parallel run, in buckets, and the collective that sums them.
@@ -24,8 +24,8 @@ pub struct GradSync {
 }
 
 impl GradSync {
-    /// Buckets `params` by name (every rank must build the same buckets) up to `bucket_bytes`
-    /// each; a parameter larger than that has a bucket of its own.
+    /// Buckets `params` in name order (every rank must build the same buckets) up to
+    /// `bucket_bytes` each; a parameter of that size or more has a bucket of its own.
     pub fn new(
         comm: Rc<dyn Collective>,
         mut params: Vec<(String, Var)>,
@@ -33,19 +33,23 @@ impl GradSync {
     ) -> Result<Self> {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let mut buckets: Vec<Vec<(String, Var)>> = Vec::new();
-        let mut bytes = 0;
+        // The small parameters fill a bucket in turn; a large one goes alone, leaving it open.
+        let (mut open, mut bytes) = (Vec::new(), 0);
         for (name, var) in params {
             let size = var.elem_count() * 4;
-            match buckets.last_mut() {
-                Some(last) if bytes + size <= bucket_bytes => {
-                    bytes += size;
-                    last.push((name, var));
-                }
-                _ => {
-                    bytes = size;
-                    buckets.push(vec![(name, var)]);
-                }
+            if size >= bucket_bytes {
+                buckets.push(vec![(name, var)]);
+                continue;
             }
+            if bytes + size > bucket_bytes {
+                buckets.push(std::mem::take(&mut open));
+                bytes = 0;
+            }
+            bytes += size;
+            open.push((name, var));
+        }
+        if !open.is_empty() {
+            buckets.push(open);
         }
         let watchdog = (comm.world_size() > 1)
             .then(|| collective_timeout().map(|t| Watchdog::new(comm.rank(), comm.world_size(), t)))
@@ -188,9 +192,17 @@ mod tests {
         assert_eq!(
             sync.buckets(),
             vec![
+                vec!["fc6.weight"],
+                vec!["conv1.bias", "conv1.weight", "conv2.weight"]
+            ]
+        );
+        let sync = GradSync::new(Rc::new(Single), sync.buckets.concat(), 1201).unwrap();
+        assert_eq!(
+            sync.buckets(),
+            vec![
                 vec!["conv1.bias", "conv1.weight"],
-                vec!["conv2.weight"],
-                vec!["fc6.weight"]
+                vec!["fc6.weight"],
+                vec!["conv2.weight"]
             ]
         );
     }

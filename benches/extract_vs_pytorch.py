@@ -5,6 +5,7 @@ on the same machine in the same run.
     pip install torch torchvision pillow numpy
     python3 benches/extract_vs_pytorch.py            # 500 JPEGs, batch 64
     python3 benches/extract_vs_pytorch.py --images 1000 --batch-size 32 --repeat 3
+    python3 benches/extract_vs_pytorch.py --device cuda --binary PATH/extract-fc7   # on a GPU
 
 Both sides start from the same JPEG files and write the same [N, 4096] fc7 matrix:
 - candle-zoo: `target/release/examples/extract-fc7 --weights W --out F.safetensors DIR`, decoding
@@ -71,28 +72,30 @@ class Files(torch.utils.data.Dataset):
         return self.tf(Image.open(self.paths[i]).convert("RGB"))
 
 
-def run_pytorch(weights_sd, paths, out, batch_size, workers):
+def run_pytorch(weights_sd, paths, out, batch_size, workers, device):
     start = time.perf_counter()
+    torch.backends.cudnn.benchmark = True
     model = torchvision.models.alexnet()
     model.load_state_dict(weights_sd)
-    model.eval()
+    model.eval().to(device)
     loader = torch.utils.data.DataLoader(Files(paths), batch_size=batch_size, shuffle=False,
-                                         num_workers=workers)
+                                         num_workers=workers, pin_memory=device != "cpu")
     rows = []
     with torch.inference_mode():
         for x in loader:
+            x = x.to(device, non_blocking=True)
             h = model.avgpool(model.features(x)).flatten(1)
-            rows.append(model.classifier[:6](h).numpy())
+            rows.append(model.classifier[:6](h).cpu().numpy())
     feats = np.concatenate(rows)
     np.save(out, feats)
     return time.perf_counter() - start, feats
 
 
-def run_candle(binary, weights, folder, out, batch_size):
+def run_candle(binary, weights, folder, out, batch_size, device):
     if os.path.exists(out):
         os.remove(out)
     start = time.perf_counter()
-    subprocess.run([binary, "--weights", weights, "--device", "cpu", "--out", out,
+    subprocess.run([binary, "--weights", weights, "--device", device, "--out", out,
                     "--batch-size", str(batch_size), folder], check=True,
                    stderr=subprocess.DEVNULL)
     elapsed = time.perf_counter() - start
@@ -107,13 +110,17 @@ def main():
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2,
                     help="PyTorch DataLoader workers (extract-fc7 uses the cores by default)")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
+    ap.add_argument("--binary", help="a built extract-fc7 (default: cargo build --release here)")
     args = ap.parse_args()
 
-    print("building extract-fc7 (release)...", file=sys.stderr)
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "extract-fc7"],
-                   cwd=ROOT, check=True)
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    binary = os.path.join(target, "release", "examples", "extract-fc7")
+    binary = args.binary
+    if binary is None:
+        print("building extract-fc7 (release)...", file=sys.stderr)
+        subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "extract-fc7"],
+                       cwd=ROOT, check=True)
+        target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+        binary = os.path.join(target, "release", "examples", "extract-fc7")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = os.path.join(tmp, "jpegs")
@@ -129,10 +136,10 @@ def main():
         candle_times, torch_times = [], []
         for _ in range(args.repeat):
             t, ours = run_candle(binary, weights, folder, os.path.join(tmp, "f.safetensors"),
-                                 args.batch_size)
+                                 args.batch_size, args.device)
             candle_times.append(t)
             t, theirs = run_pytorch(sd, paths, os.path.join(tmp, "f.npy"), args.batch_size,
-                                    args.workers)
+                                    args.workers, args.device)
             torch_times.append(t)
 
         cos = (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
@@ -140,7 +147,7 @@ def main():
         n = args.images
         c, p = n / min(candle_times), n / min(torch_times)
         mp = np.mean([w * h for w, h in sizes]) / 1e6
-        print(f"{n} JPEGs ({mp:.2f} MP on average), batch {args.batch_size}, "
+        print(f"{n} JPEGs ({mp:.2f} MP on average), batch {args.batch_size}, on {args.device}, "
               f"{os.cpu_count()} cores, torch {torch.__version__} "
               f"({torch.get_num_threads()} threads, {args.workers} DataLoader workers)")
         print(f"| job | candle-zoo img/s | PyTorch img/s | ratio |")

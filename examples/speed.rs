@@ -6,12 +6,14 @@
 //! cargo run --release --example speed -- --layout torchvision --mode infer --batch 16
 //! cargo run --release --example speed -- --layout alexnet --mode train --batch 32 --iters 5
 //! cargo run --release --example speed -- --mode sgemm --n 2048
+//! cargo run --release --features cuda --example speed -- --device cuda --mode train --batch 128
 //! ```
 //!
 //! The line holds the seconds per iteration (median, mean, min), images/s at the median (or
 //! GFLOP/s for `sgemm`), the resident memory once the workload is set up (`setup_rss_mb`: model,
 //! input and, for training, nothing run yet) and the peak (`peak_rss_mb`, `VmHWM` of
-//! `/proc/self/status`, Linux only), and candle's thread count.
+//! `/proc/self/status`, Linux only), and candle's thread count. On a GPU every iteration ends with
+//! a device synchronisation, so the times are the GPU's work, not its queueing.
 
 #[path = "../benches/workloads.rs"]
 mod workloads;
@@ -20,6 +22,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::Device;
+use candle_zoo::device::DeviceChoice;
 use candle_zoo::models::alexnet::Layout;
 use clap::{Parser, ValueEnum};
 use workloads::{Inference, Sgemm, TrainStep};
@@ -35,7 +38,7 @@ enum Mode {
 }
 
 #[derive(Parser)]
-#[command(about = "Time one AlexNet speed workload on the CPU and print one JSON line")]
+#[command(about = "Time one AlexNet speed workload and print one JSON line")]
 struct Args {
     /// torchvision (224 px input) or alexnet (the two-tower model, 227 px).
     #[arg(long, default_value = "torchvision")]
@@ -59,6 +62,10 @@ struct Args {
     /// Matrix side for sgemm.
     #[arg(long, default_value_t = workloads::SGEMM_N)]
     n: usize,
+
+    /// cpu, cuda, cuda:N, metal or metal:N.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
 }
 
 /// A `kB` field of `/proc/self/status` in MB (1e6 bytes), if the file exists.
@@ -74,14 +81,21 @@ fn status_mb(field: &str) -> Option<f64> {
     Some(kb * 1024.0 / 1e6)
 }
 
-fn time(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+fn time(
+    device: &Device,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Vec<f64>> {
     for _ in 0..warmup {
         f()?;
     }
+    device.synchronize()?;
     (0..iters)
         .map(|_| {
             let t = Instant::now();
             f()?;
+            device.synchronize()?;
             Ok(t.elapsed().as_secs_f64())
         })
         .collect()
@@ -95,12 +109,12 @@ fn main() -> Result<()> {
         bail!("--iters and --batch must be at least 1");
     }
     let layout: Layout = args.layout.parse()?;
-    let device = Device::Cpu;
+    let device = args.device.device()?;
     let (times, setup_rss, per_iter, unit) = match args.mode {
         Mode::Infer => {
             let w = Inference::new(layout, args.batch, &device)?;
             let setup = status_mb("VmRSS:");
-            let times = time(args.warmup, args.iters, || {
+            let times = time(&device, args.warmup, args.iters, || {
                 w.run()?;
                 Ok(())
             })?;
@@ -109,13 +123,13 @@ fn main() -> Result<()> {
         Mode::Train => {
             let mut w = TrainStep::new(layout, args.batch, &device)?;
             let setup = status_mb("VmRSS:");
-            let times = time(args.warmup, args.iters, || Ok(w.step()?))?;
+            let times = time(&device, args.warmup, args.iters, || Ok(w.step()?))?;
             (times, setup, w.batch() as f64, "images_per_s")
         }
         Mode::Sgemm => {
             let w = Sgemm::new(args.n, &device)?;
             let setup = status_mb("VmRSS:");
-            let times = time(args.warmup, args.iters, || {
+            let times = time(&device, args.warmup, args.iters, || {
                 w.run()?;
                 Ok(())
             })?;
@@ -156,6 +170,7 @@ fn main() -> Result<()> {
         "setup_rss_mb": setup_rss,
         "peak_rss_mb": status_mb("VmHWM:"),
         "threads": candle_core::utils::get_num_threads(),
+        "device": candle_zoo::device::describe(&device),
     });
     println!("{line}");
     Ok(())

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of issue 18 in one run, for the GPU machine the `device` tool lends
+# (one H200; torch, cuDNN and the CUDA libraries as PyPI wheels; no cargo). Two stages:
+#
+#   bash scripts/gpu_check.sh --build     # here: release binaries with --features cudnn into gpu-bin/
+#   bash scripts/gpu_check.sh             # there (carry gpu-bin): checks and benchmarks into $OUT
+#
+# The run takes about 6 minutes: the device tests (forward and taps of all three layouts against
+# the CPU, a training step's gradients), `benches/gpu_vs_pytorch.py` (inference at batch 1, 64
+# and 256, a training step at 128 and 256, both layouts, peak GPU memory, PyTorch eager with
+# cudnn.benchmark), and `benches/extract_vs_pytorch.py --device cuda` (JPEG -> fc7). Each step's
+# output goes to $OUT/<step>.txt; a failed step does not stop the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN="${GPU_BIN:-gpu-bin}"
+FEATURES="${GPU_FEATURES:-cudnn}"
+
+if [ "${1:-}" = "--build" ]; then
+    set -e
+    eval "$(bash .ci/cuda-toolchain.sh)"
+    # The libraries a dynamically linked CUDA build links against, as the GPU machine has them.
+    LIBS="${CANDLE_ZOO_CUDA_LIBS:-$HOME/.cache/candle-zoo/cuda-libs-13}"
+    if [ ! -d "$LIBS/nvidia" ]; then
+        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+            --no-deps --target "$LIBS.partial" nvidia-cublas nvidia-curand nvidia-cuda-nvrtc \
+            nvidia-cudnn-cu13 >&2
+        mv "$LIBS.partial" "$LIBS"
+    fi
+    for lib in "$LIBS"/nvidia/*/lib "$LIBS"/nvidia/cu13/lib "$CUDA_ROOT/lib"; do
+        [ -d "$lib" ] || continue
+        # Unversioned names for the linker, beside the wheels' versioned files.
+        for so in "$lib"/*.so.*; do
+            [ -e "$so" ] || continue
+            base="${so%%.so.*}.so"
+            [ -e "$base" ] || ln -s "$(basename "$so")" "$base"
+        done
+        export RUSTFLAGS="${RUSTFLAGS:-} -L $lib"
+        export CPATH="${CPATH:-}:${lib%/lib}/include"
+    done
+    export CARGO_TARGET_DIR="${CANDLE_ZOO_CUDA_TARGET:-$HOME/.cache/candle-zoo/target-cuda}"
+    cargo build --release --features "$FEATURES" --example speed --example extract-fc7
+    tests=$(cargo test --release --features "$FEATURES" --test devices --no-run 2>&1 |
+        sed -n 's/.*Executable.*(\(.*\))$/\1/p' | tail -1)
+    mkdir -p "$BIN"
+    cp "$tests" "$BIN/devices"
+    cp "$CARGO_TARGET_DIR/release/examples/speed" "$CARGO_TARGET_DIR/release/examples/extract-fc7" "$BIN/"
+    strip "$BIN"/*
+    du -sh "$BIN"/*
+    exit 0
+fi
+
+OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT"
+# The CUDA, cuDNN and cuBLAS libraries of the machine's PyPI wheels.
+LD_LIBRARY_PATH="$(python3 - <<'EOF'
+import glob, os, site
+dirs = []
+for root in site.getsitepackages() + [site.getusersitepackages()]:
+    dirs += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib")))
+print(":".join(dirs))
+EOF
+):${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH
+
+step() {
+    local name="$1"; shift
+    echo "== $name: $*"
+    local start=$SECONDS
+    if "$@" >"$OUT/$name.txt" 2>&1; then
+        echo "   ok ($((SECONDS - start)) s)"
+    else
+        echo "   FAILED ($((SECONDS - start)) s); tail of $OUT/$name.txt:"
+        tail -20 "$OUT/$name.txt"
+    fi
+}
+
+step machine bash -c 'nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.backends.cudnn.version())"'
+step devices "$BIN/devices" --nocapture --test-threads 1
+step models timeout 300 python3 benches/gpu_vs_pytorch.py --speed "$BIN/speed" --json "$OUT/models.json"
+step extract timeout 180 python3 benches/extract_vs_pytorch.py --device cuda --binary "$BIN/extract-fc7" \
+    --images 2000 --batch-size 256 --workers 16 --repeat 2
+echo "figures in $OUT: $(ls "$OUT" | tr '\n' ' ')"

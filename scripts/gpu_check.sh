@@ -8,12 +8,13 @@
 # The run takes about 6 minutes: the device tests (forward and taps of all three layouts against
 # the CPU, a training step's gradients), `benches/gpu_vs_pytorch.py` (inference at batch 1, 64
 # and 256, a training step at 128 and 256, both layouts, peak GPU memory, PyTorch eager with
-# cudnn.benchmark), and `benches/extract_vs_pytorch.py --device cuda` (JPEG -> fc7). Each step's
+# cudnn.benchmark), `benches/extract_vs_pytorch.py --device cuda` (JPEG -> fc7), and the NCCL
+# engine's all-reduce of AlexNet's gradients at world size 1 (`benches/allreduce.rs`). Each step's
 # output goes to $OUT/<step>.txt; a failed step does not stop the others.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${GPU_BIN:-gpu-bin}"
-FEATURES="${GPU_FEATURES:-cudnn}"
+FEATURES="${GPU_FEATURES:-cudnn,nccl}"
 
 if [ "${1:-}" = "--build" ]; then
     set -e
@@ -23,7 +24,7 @@ if [ "${1:-}" = "--build" ]; then
     if [ ! -d "$LIBS/nvidia" ]; then
         python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
             --no-deps --target "$LIBS.partial" nvidia-cublas nvidia-curand nvidia-cuda-nvrtc \
-            nvidia-cudnn-cu13 >&2
+            nvidia-cudnn-cu13 nvidia-nccl-cu13 >&2
         mv "$LIBS.partial" "$LIBS"
     fi
     for lib in "$LIBS"/nvidia/*/lib "$LIBS"/nvidia/cu13/lib "$CUDA_ROOT/lib"; do
@@ -37,12 +38,26 @@ if [ "${1:-}" = "--build" ]; then
         export RUSTFLAGS="${RUSTFLAGS:-} -L $lib"
         export CPATH="${CPATH:-}:${lib%/lib}/include"
     done
+    # The driver library (libcuda) comes with the GPU's driver, not with a wheel: link against a
+    # stub with its soname and the driver API's symbols (as NVIDIA's toolkit stubs do); the GPU
+    # machine's driver provides the real one at run time.
+    if [ ! -e "$LIBS/stubs/libcuda.so" ]; then
+        mkdir -p "$LIBS/stubs"
+        sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -1)
+        grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$sys" | sort -u | sed 's/^pub unsafe fn \(.*\)/void \1(void) {}/' \
+            > "$LIBS/stubs/cuda_stub.c"
+        cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LIBS/stubs/libcuda.so" "$LIBS/stubs/cuda_stub.c"
+    fi
+    export RUSTFLAGS="${RUSTFLAGS:-} -L $LIBS/stubs"
     export CARGO_TARGET_DIR="${CANDLE_ZOO_CUDA_TARGET:-$HOME/.cache/candle-zoo/target-cuda}"
     cargo build --release --features "$FEATURES" --example speed --example extract-fc7
+    bench=$(cargo bench --features "$FEATURES" --bench allreduce --no-run 2>&1 |
+        sed -n 's/.*Executable.*(\(.*\))$/\1/p' | tail -1)
     tests=$(cargo test --release --features "$FEATURES" --test devices --no-run 2>&1 |
         sed -n 's/.*Executable.*(\(.*\))$/\1/p' | tail -1)
     mkdir -p "$BIN"
     cp "$tests" "$BIN/devices"
+    cp "$bench" "$BIN/allreduce"
     cp "$CARGO_TARGET_DIR/release/examples/speed" "$CARGO_TARGET_DIR/release/examples/extract-fc7" "$BIN/"
     strip "$BIN"/*
     du -sh "$BIN"/*
@@ -79,4 +94,7 @@ step devices "$BIN/devices" --nocapture --test-threads 1
 step models timeout 300 python3 benches/gpu_vs_pytorch.py --speed "$BIN/speed" --json "$OUT/models.json"
 step extract timeout 180 python3 benches/extract_vs_pytorch.py --device cuda --binary "$BIN/extract-fc7" \
     --images 2000 --batch-size 256 --workers 16 --repeat 2
+# NCCL at world size 1: the data-parallel engine's cost per step on one GPU (issue 23).
+step nccl env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 \
+    "$BIN/allreduce" 20 nccl cuda
 echo "figures in $OUT: $(ls "$OUT" | tr '\n' ' ')"

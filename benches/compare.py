@@ -118,10 +118,36 @@ def status_mb(field):
     return None
 
 
+def torch_step(layout, mode, batch, generator, device="cpu"):
+    """PyTorch's iteration of a workload, as a function: eval-mode logits (`infer`) or a training
+    step (`train`: forward with dropout, cross-entropy, backward, SGD with momentum 0.9 and
+    weight decay 5e-4), on fresh weights and a random batch drawn from `generator`."""
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = torch_model(layout).to(device)
+    x = torch.randn(batch, 3, SIDE[layout], SIDE[layout], generator=generator).to(device)
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+        return step
+    model.train()
+    y = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
 def torch_worker(spec):
     """Runs one workload in this process and prints one JSON line (as examples/speed.rs)."""
     import torch
-    import torch.nn.functional as F
     mode, layout, batch = spec["mode"], spec["layout"], spec["batch"]
     if mode == "import":
         import torchvision  # noqa: F401  (as every other workload)
@@ -136,24 +162,7 @@ def torch_worker(spec):
             torch.mm(a, b)
         per_iter = 2 * n ** 3 / 1e9
     else:
-        torch.manual_seed(0)
-        model = torch_model(layout)
-        x = torch.randn(batch, 3, SIDE[layout], SIDE[layout], generator=g)
-        if mode == "infer":
-            model.eval()
-
-            def step():
-                with torch.inference_mode():
-                    model(x)
-        else:
-            model.train()
-            y = torch.randint(0, 1000, (batch,), generator=g)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
+        step = torch_step(layout, mode, batch, g)
         per_iter = batch
     setup = status_mb("VmRSS:")
     for _ in range(spec["warmup"]):

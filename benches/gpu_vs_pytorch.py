@@ -23,35 +23,17 @@ import threading
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compare import SIDE, torch_model  # noqa: E402
+from compare import torch_step  # noqa: E402
 
 INFER = [1, 64, 256]
 TRAIN = [128, 256]
 
 
 def torch_run(layout, mode, batch, iters, warmup, device):
-    torch.manual_seed(0)
-    model = torch_model(layout).to(device)
-    x = torch.randn(batch, 3, SIDE[layout], SIDE[layout], device=device)
     torch.cuda.reset_peak_memory_stats()
-    if mode == "infer":
-        model.eval()
-
-        def step():
-            with torch.inference_mode():
-                model(x)
-    else:
-        model.train()
-        y = torch.randint(0, 1000, (batch,), device=device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+    step = torch_step(layout, mode, batch, torch.Generator().manual_seed(5), device)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -64,7 +46,7 @@ def torch_run(layout, mode, batch, iters, warmup, device):
     times.sort()
     median = times[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 1e6
-    del model, x
+    del step
     torch.cuda.empty_cache()
     return {"median_s": median, "images_per_s": batch / median, "peak_gpu_mb": peak}
 

@@ -2,8 +2,8 @@
 # Every GPU check and benchmark of issue 18 in one run, for the GPU machine the `device` tool lends
 # (one H200; torch, cuDNN and the CUDA libraries as PyPI wheels; no cargo). Two stages:
 #
-#   bash scripts/gpu_check.sh --build     # here: release binaries with --features cudnn into gpu-bin/
-#   bash scripts/gpu_check.sh             # there (carry gpu-bin): checks and benchmarks into $OUT
+#   bash scripts/gpu_check.sh --build     # here: release binaries (cudnn, nccl) into gpu-bin.tar.xz
+#   bash scripts/gpu_check.sh             # there (carry gpu-bin.tar.xz): checks and benchmarks into $OUT
 #
 # The run takes about 6 minutes: the device tests (forward and taps of all three layouts against
 # the CPU, a training step's gradients), `benches/gpu_vs_pytorch.py` (inference at batch 1, 64
@@ -61,11 +61,18 @@ if [ "${1:-}" = "--build" ]; then
     cp "$CARGO_TARGET_DIR/release/examples/speed" "$CARGO_TARGET_DIR/release/examples/extract-fc7" "$BIN/"
     strip "$BIN"/*
     du -sh "$BIN"/*
+    # 200 MB of binaries, mostly embedded PTX text: 25 MB compressed, under the device tool's
+    # 64 MiB carry limit.
+    tar -cJf "$BIN.tar.xz" "$BIN"
+    du -sh "$BIN.tar.xz"
     exit 0
 fi
 
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
+if [ ! -d "$BIN" ] && [ -e "$BIN.tar.xz" ]; then
+    tar -xJf "$BIN.tar.xz"
+fi
 # The CUDA, cuDNN and cuBLAS libraries of the machine's PyPI wheels.
 LD_LIBRARY_PATH="$(python3 - <<'EOF'
 import glob, os, site

@@ -5,8 +5,6 @@
 //! `torchrun` sets them (the port after it under torchrun, whose agent serves its own store on
 //! `MASTER_PORT`; [`share_from_rank0`](super::share_from_rank0)).
 
-use std::sync::Arc;
-
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::cuda_backend::CudaStorage;
@@ -17,7 +15,7 @@ use crate::error::{Error, Result};
 
 /// This process's NCCL communicator, on its GPU.
 pub struct Nccl {
-    comm: Arc<Comm>,
+    comm: Comm,
     device: Device,
     rank: usize,
     world: usize,
@@ -69,7 +67,7 @@ impl Nccl {
         )
         .map_err(|e| fail(format!("NCCL could not connect the ranks: {e:?}")))?;
         Ok(Self {
-            comm: Arc::new(comm),
+            comm,
             device: device.clone(),
             rank: launch.rank,
             world: launch.world_size,

@@ -63,6 +63,13 @@ impl Module for LocalResponseNorm {
             candle_core::bail!("LocalResponseNorm: size must be at least 1");
         }
         checked_elems("LocalResponseNorm", "input", x.dims())?;
+        #[cfg(feature = "cudnn")]
+        if super::cudnn::handles(x, super::cudnn::NORM_DTYPES)
+            && super::cudnn::lrn_supports(x, self.size, self.beta, self.k)
+            && x.elem_count() > 0
+        {
+            return super::cudnn::lrn(x, self.size, self.alpha, self.beta, self.k);
+        }
         if x.device().is_cpu() && x.dtype() == DType::F32 {
             x.contiguous()?.apply_op1(LrnOp(*self))
         } else {

@@ -10,14 +10,20 @@
 //! [`linear`] (bias and ReLU fused) is a CPU custom op whose gemms are laid out for a narrow
 //! batch (on AVX2 CPUs its forward and its input gradient read the weight in place, without the
 //! gemm crate's copy of it), and candle's matmul elsewhere.
+//!
+//! With the `cudnn` feature, the conv, max-pool, LRN and adaptive pooling of CUDA tensors are
+//! cuDNN calls forward and backward (`src/layers/cudnn/`); the linear layers are cuBLAS gemms
+//! through candle's matmul there, as in PyTorch.
 
 mod conv;
 mod cpu;
+mod cudnn;
 mod linear;
 mod lrn;
 mod pool;
 
 pub use conv::conv2d;
+pub use cudnn::{set_tf32, tf32};
 pub use linear::linear;
 pub use lrn::LocalResponseNorm;
 pub use pool::{max_pool2d, pooled_size, AdaptiveAvgPool2d};

@@ -74,6 +74,11 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, ceil_mode: bool) -> 
         stride,
         ceil_mode,
     };
+    #[cfg(feature = "cudnn")]
+    if super::cudnn::handles(x, super::cudnn::NORM_DTYPES) && x.elem_count() > 0 {
+        let g = Geometry::new(h, w, kernel, stride, ceil_mode)?;
+        return super::cudnn::max_pool2d(x, kernel, stride, (g.oh, g.ow));
+    }
     if x.device().is_cpu() {
         // The kernels read plain row-major planes; `contiguous` is free when x already is one.
         x.contiguous()?.apply_op1(op)
@@ -524,6 +529,16 @@ impl Module for AdaptiveAvgPool2d {
         }
         if h == 0 || w == 0 {
             candle_core::bail!("adaptive avg pool: empty input {:?}", x.dims());
+        }
+        #[cfg(feature = "cudnn")]
+        if super::cudnn::handles(x, super::cudnn::NORM_DTYPES)
+            && h % self.out_h == 0
+            && w % self.out_w == 0
+            && x.elem_count() > 0
+        {
+            // Whole bins: an average pool with the bin as window and stride.
+            let kernel = (h / self.out_h, w / self.out_w);
+            return super::cudnn::avg_pool2d(x, kernel, (self.out_h, self.out_w));
         }
         let ph = Self::matrix(self.out_h, h, x)?;
         let pw = Self::matrix(self.out_w, w, x)?.t()?;

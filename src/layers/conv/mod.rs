@@ -73,7 +73,9 @@ const OP: &str = "conv2d";
 /// On the CPU with f32 tensors and dilation 1 this is one custom op with a gemm backward (design
 /// notes in `src/layers/conv/mod.rs`); the gradient of a fused ReLU is PyTorch's (zero
 /// where the output is zero), and a tensor that is not tracked (an image, rather than a [`candle_core::Var`] or a
-/// result of one) gets no gradient. Anywhere else it is candle's ops, with candle's gradients.
+/// result of one) gets no gradient. With the `cudnn` feature, a CUDA tensor in f32, f16 or bf16
+/// goes to cuDNN the same way (`src/layers/cudnn/`). Anywhere else it is candle's ops, with
+/// candle's gradients.
 ///
 /// ```
 /// use candle_core::{Device, Tensor, Var};
@@ -113,6 +115,20 @@ pub fn conv2d(
         // Empty batches and kernels go to candle, which knows its own rules for them.
         && geometry.n > 0
         && geometry.k() > 0;
+    #[cfg(feature = "cudnn")]
+    {
+        use super::cudnn::{handles, CONV_DTYPES};
+        let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
+        if handles(x, CONV_DTYPES)
+            && same(weight)
+            && bias.is_none_or(same)
+            && geometry.n > 0
+            && geometry.k() > 0
+        {
+            let out = [geometry.n, geometry.cout, geometry.oh, geometry.ow];
+            return super::cudnn::conv2d(x, weight, bias, cfg, out, relu);
+        }
+    }
     if !fast {
         return conv2d_candle(x, weight, bias, cfg, relu);
     }

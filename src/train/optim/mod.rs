@@ -22,6 +22,8 @@
 //! [`Scheduler`] drives the learning rate from epoch to epoch ([`LrSchedule`]: constant, PyTorch's
 //! `StepLR`, or `ReduceLROnPlateau`).
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod schedule;
 mod sgd;
 

@@ -159,12 +159,12 @@ impl CpuBuf {
 
 /// The coefficients of one group's update.
 #[derive(Debug, Clone, Copy)]
-struct Coeffs {
-    lr: f64,
-    weight_decay: f64,
-    momentum: f64,
-    dampening: f64,
-    nesterov: bool,
+pub(super) struct Coeffs {
+    pub(super) lr: f64,
+    pub(super) weight_decay: f64,
+    pub(super) momentum: f64,
+    pub(super) dampening: f64,
+    pub(super) nesterov: bool,
 }
 
 /// Stochastic gradient descent with momentum, dampening, Nesterov momentum and per-group weight
@@ -467,6 +467,33 @@ fn update_param(
         && grad.device().is_cpu()
         && matches!(dtype, DType::F32 | DType::F64)
         && var.is_contiguous();
+    #[cfg(feature = "cuda")]
+    if fused && var.device().is_cuda() && dtype == DType::F32 && var.is_contiguous() {
+        let buf = match slot.take() {
+            Some(Buffer::Tensor(t)) => Some(t.contiguous()?),
+            Some(Buffer::Cpu(b)) => Some(b.to_tensor(var.shape())?.to_device(var.device())?),
+            None => None,
+        };
+        let first = buf.is_none();
+        let kept = buf.clone();
+        return match super::cuda::update(var.as_tensor(), &grad.contiguous()?, buf, c) {
+            Ok(buf) => {
+                *slot = buf.map(Buffer::Tensor);
+                Ok(())
+            }
+            Err(e) => {
+                // A failed first step leaves no (meaningless) buffer behind.
+                *slot = if first {
+                    None
+                } else {
+                    kept.map(Buffer::Tensor)
+                };
+                Err(invalid(format!(
+                    "sgd: in-place update of `{key}` failed: {e}"
+                )))
+            }
+        };
+    }
     if fusable {
         let grad = grad.contiguous()?;
         let mut buf = if use_momentum {

@@ -118,10 +118,12 @@ def status_mb(field):
     return None
 
 
-def torch_step(layout, mode, batch, generator, device="cpu"):
+def torch_step(layout, mode, batch, generator, device="cpu", precision="f32"):
     """PyTorch's iteration of a workload, as a function: eval-mode logits (`infer`) or a training
     step (`train`: forward with dropout, cross-entropy, backward, SGD with momentum 0.9 and
-    weight decay 5e-4), on fresh weights and a random batch drawn from `generator`."""
+    weight decay 5e-4), on fresh weights and a random batch drawn from `generator`. `precision`
+    "bf16" trains under `torch.autocast` in bfloat16 (f32 weights and updates), PyTorch's mixed
+    precision."""
     import torch
     import torch.nn.functional as F
     torch.manual_seed(0)
@@ -140,7 +142,10 @@ def torch_step(layout, mode, batch, generator, device="cpu"):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16,
+                            enabled=precision == "bf16"):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
     return step
 

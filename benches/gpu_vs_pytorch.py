@@ -6,8 +6,9 @@
 Workloads (fresh weights, random inputs): eval-mode logits at batch 1, 64 and 256, and a
 training step (forward with dropout, cross-entropy, backward, SGD with momentum 0.9 and weight
 decay 5e-4) at batch 128 and 256, for torchvision's layout (224 px) and the two-tower model
-(227 px, `compare.py`'s `two_tower`). PyTorch runs eager, f32, `cudnn.benchmark = True`, in this
-process; candle-zoo is `examples/speed.rs --device cuda`, built elsewhere (the GPU machine has no
+(227 px, `compare.py`'s `two_tower`), and the training step at batch 256 in mixed precision
+(`--precision bf16`; PyTorch under `torch.autocast` in bfloat16). PyTorch runs eager, f32 (its
+default TF32 convolutions, as candle-zoo's), `cudnn.benchmark = True`, in this process; candle-zoo is `examples/speed.rs --device cuda`, built elsewhere (the GPU machine has no
 cargo), one process per workload. Both sides synchronise the GPU after every iteration and report
 the median over the timed iterations after warm-up. Peak GPU memory: PyTorch's
 `max_memory_allocated` (its caching allocator holds more) and, for candle-zoo, the largest
@@ -31,9 +32,9 @@ INFER = [1, 64, 256]
 TRAIN = [128, 256]
 
 
-def torch_run(layout, mode, batch, iters, warmup, device):
+def torch_run(layout, mode, batch, iters, warmup, device, precision):
     torch.cuda.reset_peak_memory_stats()
-    step = torch_step(layout, mode, batch, torch.Generator().manual_seed(5), device)
+    step = torch_step(layout, mode, batch, torch.Generator().manual_seed(5), device, precision)
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -61,9 +62,9 @@ def gpu_used_mb(pid):
     return 0.0
 
 
-def candle_run(speed, layout, mode, batch, iters, warmup, device):
+def candle_run(speed, layout, mode, batch, iters, warmup, device, precision):
     cmd = [speed, "--device", device, "--layout", layout, "--mode", mode, "--batch", str(batch),
-           "--iters", str(iters), "--warmup", str(warmup)]
+           "--iters", str(iters), "--warmup", str(warmup), "--precision", precision]
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = [0.0], threading.Event()
 
@@ -94,12 +95,14 @@ def main():
     iters, warmup = (5, 2) if args.quick else (20, 5)
     rows = []
     for layout in ["torchvision", "alexnet"]:
-        for mode, batches in [("infer", INFER), ("train", TRAIN)]:
+        for mode, batches, precision in [("infer", INFER, "f32"), ("train", TRAIN, "f32"),
+                                         ("train", [256], "bf16")]:
             for batch in batches:
-                ours = candle_run(args.speed, layout, mode, batch, iters, warmup, args.device)
-                theirs = torch_run(layout, mode, batch, iters, warmup, args.device)
+                run = (layout, mode, batch, iters, warmup, args.device, precision)
+                ours = candle_run(args.speed, *run)
+                theirs = torch_run(*run)
                 rows.append({"layout": layout, "mode": mode, "batch": batch,
-                             "candle": ours, "torch": theirs})
+                             "precision": precision, "candle": ours, "torch": theirs})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN "
           f"{torch.backends.cudnn.version()}, f32, eager, cudnn.benchmark")
@@ -108,6 +111,8 @@ def main():
     for r in rows:
         c, t = r["candle"], r["torch"]
         name = f"{r['mode']} {r['layout']} b{r['batch']}"
+        if r["precision"] != "f32":
+            name += f" {r['precision']}"
         if "error" in c:
             print(f"| {name} | error: {c['error']} | {t['images_per_s']:.0f} | | | {t['peak_gpu_mb']:.0f} |")
             continue

@@ -110,6 +110,8 @@ pub struct TrainStep {
     pub y: Tensor,
     sgd: Sgd,
     rng: Rng,
+    /// Mixed precision's compute dtype (`--precision bf16`), if any.
+    pub compute: Option<DType>,
     _varmap: VarMap,
 }
 
@@ -137,6 +139,7 @@ impl TrainStep {
             y,
             sgd,
             rng,
+            compute: None,
             _varmap: varmap,
         })
     }
@@ -147,11 +150,12 @@ impl TrainStep {
 
     /// Forward with dropout, cross-entropy, backward, SGD update.
     pub fn step(&mut self) -> Result<()> {
-        let logits = self
-            .model
-            .train_view()
-            .with_rng(&mut self.rng)
-            .forward_t(&self.x, true)?;
+        let view = self.model.train_view().with_rng(&mut self.rng);
+        let view = match self.compute {
+            Some(dtype) => view.with_compute_dtype(dtype),
+            None => view,
+        };
+        let logits = view.forward_t(&self.x, true)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &self.y)?;
         self.sgd.backward_step(&loss)
     }

@@ -24,6 +24,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use candle_zoo::device::DeviceChoice;
 use candle_zoo::models::alexnet::Layout;
+use candle_zoo::train::Precision;
 use clap::{Parser, ValueEnum};
 use workloads::{Inference, Sgemm, TrainStep};
 
@@ -66,6 +67,10 @@ struct Args {
     /// cpu, cuda, cuda:N, metal or metal:N.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+
+    /// Training arithmetic (train): f32, or bf16 (mixed precision, CUDA).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
 }
 
 /// A `kB` field of `/proc/self/status` in MB (1e6 bytes), if the file exists.
@@ -122,6 +127,7 @@ fn main() -> Result<()> {
         }
         Mode::Train => {
             let mut w = TrainStep::new(layout, args.batch, &device)?;
+            w.compute = args.precision.compute_dtype();
             let setup = status_mb("VmRSS:");
             let times = time(&device, args.warmup, args.iters, || Ok(w.step()?))?;
             (times, setup, w.batch() as f64, "images_per_s")
@@ -171,6 +177,7 @@ fn main() -> Result<()> {
         "peak_rss_mb": status_mb("VmHWM:"),
         "threads": candle_core::utils::get_num_threads(),
         "device": candle_zoo::device::describe(&device),
+        "precision": args.precision.to_string(),
     });
     println!("{line}");
     Ok(())

@@ -82,6 +82,8 @@ const TOL: f64 = 1e-4;
 )]
 fn logits_and_taps_agree_with_the_cpu() -> anyhow::Result<()> {
     let gpu = accelerator();
+    // Full f32 convolutions, as on the CPU (`tf32_convolutions_stay_close` checks the default).
+    candle_zoo::layers::set_tf32(false);
     let taps = [Tap::Conv1, Tap::Conv2, Tap::Pool5, Tap::Fc7];
     for layout in [Layout::TorchVision, Layout::BvlcAlexNet, Layout::CaffeNet] {
         let config = Config::for_layout(layout);
@@ -147,6 +149,7 @@ fn training_step(
         let group = ParamGroup::new("all", params.clone()).weight_decay(5e-4);
         let mut sgd = Sgd::new(vec![group], SgdConfig::default())?;
         sgd.step(&store)?;
+        sgd.step(&store)?;
         let mut updated = Vec::new();
         for (_, var) in &params {
             updated.push(flat(var.as_tensor())?);
@@ -186,6 +189,7 @@ fn training_step(
 )]
 fn a_training_step_agrees_with_the_cpu() -> anyhow::Result<()> {
     let gpu = accelerator();
+    candle_zoo::layers::set_tf32(false);
     for layout in [Layout::TorchVision, Layout::BvlcAlexNet, Layout::CaffeNet] {
         // No dropout: candle's masks differ between devices; the rest of training mode stays.
         for (size, config) in [
@@ -214,6 +218,95 @@ fn a_training_step_agrees_with_the_cpu() -> anyhow::Result<()> {
             eprintln!("{what}: parameters after the SGD step differ by {step_gap:.1e} at most");
             let tol = if size == "full" { 2e-2 } else { 1e-5 };
             assert!(step_gap < tol, "{what}: the SGD steps differ");
+        }
+    }
+    Ok(())
+}
+
+/// The default (TF32 tensor cores in f32 convolutions, as PyTorch's default) stays within
+/// TF32's precision of the CPU: logits to 1e-2 of their scale, and the same predictions.
+#[test]
+#[cfg_attr(
+    not(feature = "cudnn"),
+    ignore = "needs a cuDNN build: cargo test --release --features cudnn --test devices"
+)]
+fn tf32_convolutions_stay_close() -> anyhow::Result<()> {
+    let gpu = accelerator();
+    for layout in [Layout::TorchVision, Layout::BvlcAlexNet] {
+        let config = Config::for_layout(layout);
+        let (cpu_model, _) = model_on(&config, &Device::Cpu, DType::F32)?;
+        let (gpu_model, _) = model_on(&config, &gpu, DType::F32)?;
+        let x = images(&config, 3, &Device::Cpu, DType::F32)?;
+        let want = cpu_model.forward_t(&x, false)?;
+        candle_zoo::layers::set_tf32(true);
+        let got = gpu_model.forward_t(&x.to_device(&gpu)?, false);
+        candle_zoo::layers::set_tf32(false);
+        let got = got?;
+        let err = max_rel(&flat(&got)?, &flat(&want)?);
+        eprintln!("{layout:?} with TF32: logits rel err {err:.2e}");
+        assert!(err < 1e-2, "{layout:?}: TF32 logits off by {err:.2e}");
+    }
+    Ok(())
+}
+
+/// Mixed precision (`--precision bf16`): a training step computing the convs and fc layers in
+/// bf16 from the f32 weights gives f32 gradients within bf16's precision of the f32 step's
+/// (8 mantissa bits: a few 1e-3 per product, more through the layers' sums).
+#[test]
+#[cfg_attr(
+    not(feature = "cudnn"),
+    ignore = "needs a cuDNN build: cargo test --release --features cudnn --test devices"
+)]
+fn a_bf16_training_step_stays_close_to_f32() -> anyhow::Result<()> {
+    let gpu = accelerator();
+    candle_zoo::layers::set_tf32(false);
+    for layout in [Layout::TorchVision, Layout::BvlcAlexNet, Layout::CaffeNet] {
+        let config = Config::for_layout(layout).with_dropout(0.0);
+        let (model, vm) = model_on(&config, &gpu, DType::F32)?;
+        let x = images(&config, 8, &gpu, DType::F32)?;
+        let labels = Tensor::new(&[1u32, 7, 3, 9, 2, 0, 5, 4], &gpu)?;
+        let mut runs = Vec::new();
+        for compute in [None, Some(DType::BF16)] {
+            let view = model.train_view();
+            let view = match compute {
+                Some(d) => view.with_compute_dtype(d),
+                None => view,
+            };
+            let logits = candle_core::ModuleT::forward_t(&view, &x, true)?;
+            assert_eq!(logits.dtype(), DType::F32);
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let store = loss.backward()?;
+            let mut grads = Vec::new();
+            let mut keys: Vec<_> = vm.data().lock().unwrap().keys().cloned().collect();
+            keys.sort();
+            for key in keys {
+                let var = vm.data().lock().unwrap()[&key].clone();
+                let g = store
+                    .get(var.as_tensor())
+                    .expect("a gradient for every weight");
+                assert_eq!(
+                    g.dtype(),
+                    DType::F32,
+                    "{key}: master weights get f32 gradients"
+                );
+                grads.push((key, flat(g)?));
+            }
+            runs.push((loss.to_scalar::<f32>()? as f64, grads));
+        }
+        let (f32_loss, bf16_loss) = (runs[0].0, runs[1].0);
+        let loss_err = ((bf16_loss - f32_loss) / f32_loss).abs();
+        eprintln!("{layout:?}: loss f32 {f32_loss} bf16 {bf16_loss} ({loss_err:.1e})");
+        assert!(
+            loss_err < 1e-2,
+            "{layout:?}: bf16 loss off by {loss_err:.1e}"
+        );
+        for ((key, want), (_, got)) in runs[0].1.iter().zip(&runs[1].1) {
+            let err = l2_rel(got, want);
+            eprintln!("{layout:?}: d {key}: bf16 vs f32 {err:.2e}");
+            assert!(
+                err < 5e-2,
+                "{layout:?}: bf16 gradient of {key} off by {err:.2e}"
+            );
         }
     }
     Ok(())

@@ -87,6 +87,7 @@ impl Job {
             lighting: 0.1,
             ten_crop: false,
             checkpoint_every: 0,
+            precision: candle_zoo::train::Precision::F32,
         }
     }
 

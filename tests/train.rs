@@ -17,8 +17,8 @@ use candle_zoo::models::alexnet::{Config, Layout};
 use candle_zoo::rng::Rng;
 use candle_zoo::train::optim::{LrSchedule, SgdConfig};
 use candle_zoo::train::{
-    Event, ParamPolicy, TrainConfig, Trainer, BEST, CHECKPOINT, CONFUSION_CSV, METRICS_CSV,
-    METRICS_PNG,
+    Event, ParamPolicy, Precision, TrainConfig, Trainer, BEST, CHECKPOINT, CONFUSION_CSV,
+    METRICS_CSV, METRICS_PNG,
 };
 use common::example_bin;
 
@@ -96,6 +96,7 @@ fn settings(epochs: usize) -> TrainConfig {
         lighting: 0.1,
         ten_crop: false,
         checkpoint_every: 0,
+        precision: Precision::F32,
     }
 }
 
@@ -267,6 +268,30 @@ fn bad_runs_are_refused_with_clear_errors() {
     .unwrap()
     .to_string();
     assert!(err.contains("nothing to resume"), "{err}");
+
+    // Mixed precision needs CUDA (candle's CPU convolution has no bf16 kernels).
+    let bf16 = TrainConfig {
+        precision: "bf16".parse().unwrap(),
+        ..settings(1)
+    };
+    let err = Trainer::new(
+        &small_model(),
+        Preprocess::torchvision().scaled_to(64),
+        train.clone(),
+        Some(val.clone()),
+        bf16,
+        dir.path().join("c"),
+        &Device::Cpu,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("--precision bf16") && err.contains("cuda"),
+        "{err}"
+    );
+    let err = "f8".parse::<Precision>().unwrap_err().to_string();
+    assert!(err.contains("f8") && err.contains("f32 or bf16"), "{err}");
 
     // One run per output folder: a second fails at once, naming the first; killed writes'
     // temporary files are cleared by the next run.

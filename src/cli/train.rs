@@ -12,7 +12,7 @@ use crate::dist::{Engine, Placement};
 use crate::error::{Error, Result};
 use crate::models::alexnet::{Activation, Config, Layout, Pooling};
 use crate::train::optim::{LrSchedule, SgdConfig};
-use crate::train::{Event, ParamPolicy, TrainConfig, Trainer};
+use crate::train::{Event, ParamPolicy, Precision, TrainConfig, Trainer};
 
 /// The architecture of a model trained from scratch (`train`, `ablate`): layout, widths, input
 /// size, dropout and the variant (activation, pooling, LRN).
@@ -179,6 +179,11 @@ pub struct TrainArgs {
     /// batch, split over the processes.
     #[arg(long, default_value = "auto")]
     pub engine: Engine,
+
+    /// Training arithmetic: f32, or bf16 (mixed precision on CUDA: convs and fc layers in
+    /// bfloat16, f32 master weights, updates and loss).
+    #[arg(long, default_value = "f32")]
+    pub precision: Precision,
 }
 
 impl TrainArgs {
@@ -207,6 +212,7 @@ impl TrainArgs {
             lighting: self.lighting,
             ten_crop: self.ten_crop,
             checkpoint_every: self.checkpoint_every,
+            precision: self.precision,
         }
     }
 

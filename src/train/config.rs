@@ -59,6 +59,52 @@ pub struct TrainConfig {
     pub ten_crop: bool,
     /// Also checkpoint every this many batches within an epoch (0: at the end of epochs only).
     pub checkpoint_every: usize,
+    /// The dtype the convs and fc layers compute in (the weights, their updates, pooling, LRN
+    /// and the loss stay f32). Checkpoints written before this setting existed trained in f32.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// Training arithmetic: `f32` throughout, or mixed precision (`bf16`): the convs and fc layers
+/// in bfloat16 on CUDA (cuDNN and cuBLAS accumulate in f32) from casts of the f32 master
+/// weights, which get their gradients in f32 and are updated in f32
+/// ([`TrainView::with_compute_dtype`](crate::models::alexnet::TrainView::with_compute_dtype)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The compute dtype, where it is not the weights'.
+    pub fn compute_dtype(self) -> Option<candle_core::DType> {
+        match self {
+            Self::F32 => None,
+            Self::Bf16 => Some(candle_core::DType::BF16),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(Error::parse("precision", s, "f32 or bf16")),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -84,6 +130,7 @@ impl Default for TrainConfig {
             lighting: 0.1,
             ten_crop: false,
             checkpoint_every: 0,
+            precision: Precision::F32,
         }
     }
 }

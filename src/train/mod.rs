@@ -49,7 +49,7 @@ pub mod plot;
 mod report;
 mod trainer;
 
-pub use config::{ParamPolicy, TrainConfig};
+pub use config::{ParamPolicy, Precision, TrainConfig};
 pub use eval::{evaluate, Evaluation};
 pub use params::param_groups;
 pub use report::{write_confusion, EpochRecord};

@@ -258,6 +258,13 @@ impl Trainer {
         )>,
         placement: Placement,
     ) -> Result<Self> {
+        if parts.config.precision != super::Precision::F32 && !placement.device.is_cuda() {
+            return Err(Error::Invalid(format!(
+                "--precision {} trains on CUDA devices only (candle's CPU convolution has no \
+                 bf16 kernels): pass --device cuda, or --precision f32",
+                parts.config.precision
+            )));
+        }
         let groups = param_groups(&parts.model, &parts.vars, &parts.config.policy)?;
         let world = placement.comm.world_size();
         if !parts.config.batch_size.is_multiple_of(world) {
@@ -532,8 +539,12 @@ impl Trainer {
                 .model
                 .train_view()
                 .with_sample_masks(cfg.seed, epoch as u64, &batch.indices)
-                .freeze_through(cfg.policy.freeze_through)
-                .forward_t(&x, true)?;
+                .freeze_through(cfg.policy.freeze_through);
+            let logits = match cfg.precision.compute_dtype() {
+                Some(dtype) => logits.with_compute_dtype(dtype),
+                None => logits,
+            }
+            .forward_t(&x, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             grads = Some(loss.backward()?);
             let (top1, top5) = hits(&logits, &batch.labels)?;

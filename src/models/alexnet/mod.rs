@@ -34,7 +34,7 @@ pub use config::{Activation, Config, Layout, Pooling};
 pub use tap::Tap;
 pub use train_view::TrainView;
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder};
 
 use crate::error::{Error, Result};
@@ -270,6 +270,7 @@ impl AlexNet {
             Mode::Train {
                 masks: None,
                 frozen: None,
+                compute: None,
             }
         } else {
             Mode::Eval
@@ -298,6 +299,7 @@ impl AlexNet {
         let mode = Mode::Train {
             masks: Some(Masks::Stream(rng)),
             frozen: frozen_through,
+            compute: None,
         };
         self.run(x, Tap::Fc8, mode, |_, _| {})
     }
@@ -312,10 +314,24 @@ impl AlexNet {
     ) -> Result<Tensor> {
         self.config.check_input(x.dims())?;
         let layout = self.config.layout;
-        let (train, mut masks, frozen) = match mode {
-            Mode::Eval => (false, None, None),
-            Mode::Train { masks, frozen } => (true, masks, frozen),
+        let (train, mut masks, frozen, compute) = match mode {
+            Mode::Eval => (false, None, None, None),
+            Mode::Train {
+                masks,
+                frozen,
+                compute,
+            } => (true, masks, frozen, compute),
         };
+        let master = self.conv1.weight().dtype();
+        let compute = compute.filter(|&d| d != master);
+        // Mixed precision: the weighted layers' operands in `compute`, the rest in `master`.
+        let cast = |t: &Tensor, to: DType| match compute {
+            Some(_) if t.dtype() != to => t.to_dtype(to),
+            _ => Ok(t.clone()),
+        };
+        let low = |t: &Tensor| cast(t, compute.unwrap_or(master));
+        let low_opt = |t: Option<&Tensor>| t.map(low).transpose();
+        let high = |t: &Tensor| cast(t, master);
         // Taps the output of `at` and, at the frozen boundary, cuts the graph so that no
         // gradient is computed for the layers before it.
         let mut done = |at: Tap, t: &mut Tensor| {
@@ -326,13 +342,13 @@ impl AlexNet {
             at == stop
         };
         let (window, stride, ceil) = self.config.pooling.window(layout);
-        let pool = |t: &Tensor| max_pool2d(t, window, stride, ceil);
+        let pool = |t: &Tensor| max_pool2d(&high(t)?, window, stride, ceil);
         // LRN (where the config has it) and pooling after conv1 and conv2: CaffeNet pools first.
         let norm_pool = |t: &Tensor| -> candle_core::Result<Tensor> {
             match (self.config.lrn, layout) {
                 (false, _) => pool(t),
                 (true, Layout::CaffeNet) => self.lrn.forward(&pool(t)?),
-                (true, _) => pool(&self.lrn.forward(t)?),
+                (true, _) => pool(&self.lrn.forward(&high(t)?)?),
             }
         };
         let p = self.config.dropout;
@@ -372,10 +388,15 @@ impl AlexNet {
         let relu = self.config.activation == Activation::Relu;
         let activate = |t: Tensor| if relu { Ok(t) } else { t.tanh() };
         let conv_relu = |conv: &Conv2d, t: &Tensor| {
-            activate(conv2d(t, conv.weight(), conv.bias(), conv.config(), relu)?)
+            let (w, b) = (low(conv.weight())?, low_opt(conv.bias())?);
+            activate(conv2d(&low(t)?, &w, b.as_ref(), conv.config(), relu)?)
         };
-        let fc_act = |l: &Linear, t: &Tensor| activate(linear(t, l.weight(), l.bias(), relu)?);
-        let fc = |l: &Linear, t: &Tensor| linear(t, l.weight(), l.bias(), false);
+        let fc_with = |l: &Linear, t: &Tensor, relu: bool| {
+            let (w, b) = (low(l.weight())?, low_opt(l.bias())?);
+            linear(&low(t)?, &w, b.as_ref(), relu)
+        };
+        let fc_act = |l: &Linear, t: &Tensor| activate(fc_with(l, t, relu)?);
+        let fc = |l: &Linear, t: &Tensor| fc_with(l, t, false);
 
         let mut h = conv_relu(&self.conv1, x)?;
         if done(Tap::Conv1, &mut h) {
@@ -419,7 +440,7 @@ impl AlexNet {
             return Ok(h);
         }
         let h = if caffe { drop(h)? } else { h };
-        let mut logits = fc(&self.fc8, &h)?;
+        let mut logits = high(&fc(&self.fc8, &h)?)?;
         done(Tap::Fc8, &mut logits);
         Ok(logits)
     }
@@ -440,6 +461,10 @@ enum Mode<'a> {
     Train {
         masks: Option<Masks<'a>>,
         frozen: Option<Tap>,
+        /// Mixed precision: convs and fc layers compute in this dtype from casts of the
+        /// weights (whose gradients come back in theirs); pooling, LRN and the logits stay in
+        /// the weights' dtype.
+        compute: Option<DType>,
     },
 }
 
@@ -521,6 +546,59 @@ mod tests {
     fn fresh(cfg: &Config) -> Result<AlexNet> {
         let vm = VarMap::new();
         AlexNet::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))
+    }
+
+    /// Mixed precision's plumbing on the CPU, with f64 as the compute dtype: the weights stay
+    /// f32 and get f32 gradients equal to the f32 step's within f32 rounding, and the logits
+    /// (so the loss) are f32. (candle's CPU convolution has no bf16 kernels; bf16's numerics
+    /// are checked on CUDA in `tests/devices.rs`.)
+    #[test]
+    fn low_precision_compute_gives_f32_gradients_close_to_f32() -> Result<()> {
+        let dev = Device::Cpu;
+        for layout in Layout::ALL {
+            let vm = VarMap::new();
+            // No dropout: without seeded masks, each forward would draw its own.
+            let model = AlexNet::new(
+                &small(layout).with_dropout(0.0),
+                VarBuilder::from_varmap(&vm, DType::F32, &dev),
+            )?;
+            let side = layout.input_size();
+            let x = Tensor::randn(0f32, 1., (2, 3, side, side), &dev)?;
+            let labels = Tensor::new(&[1u32, 3], &dev)?;
+            let mut runs = Vec::new();
+            for compute in [None, Some(DType::F64)] {
+                let view = model.train_view();
+                let view = match compute {
+                    Some(d) => view.with_compute_dtype(d),
+                    None => view,
+                };
+                let logits = view.forward_t(&x, true)?;
+                assert_eq!(logits.dtype(), DType::F32);
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                let grads = loss.backward()?;
+                let mut flat = Vec::new();
+                for (key, var) in model.named_tensors() {
+                    let g = grads
+                        .get(&var)
+                        .unwrap_or_else(|| panic!("no gradient of {key}"));
+                    assert_eq!(g.dtype(), DType::F32, "{key}");
+                    flat.push(g.flatten_all()?.to_vec1::<f32>()?);
+                }
+                runs.push((loss.to_scalar::<f32>()?, flat));
+            }
+            let loss_err = ((runs[1].0 - runs[0].0) / runs[0].0).abs();
+            assert!(loss_err < 1e-5, "{layout:?}: loss off by {loss_err}");
+            for (i, (want, got)) in runs[0].1.iter().zip(&runs[1].1).enumerate() {
+                let (mut d, mut n) = (0f64, 0f64);
+                for (a, b) in got.iter().zip(want) {
+                    d += ((a - b) as f64).powi(2);
+                    n += (*b as f64).powi(2);
+                }
+                let err = (d / n.max(f64::MIN_POSITIVE)).sqrt();
+                assert!(err < 1e-4, "{layout:?}: gradient {i} off by {err:.2e}");
+            }
+        }
+        Ok(())
     }
 
     #[test]

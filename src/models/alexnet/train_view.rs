@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{ModuleT, Tensor};
+use candle_core::{DType, ModuleT, Tensor};
 
 use super::{AlexNet, Masks, Mode, Tap};
 use crate::rng::Rng;
@@ -48,6 +48,7 @@ pub struct TrainView<'a> {
     model: &'a AlexNet,
     masks: RefCell<Option<Masks<'a>>>,
     frozen: Option<Tap>,
+    compute: Option<DType>,
 }
 
 impl<'a> TrainView<'a> {
@@ -56,6 +57,7 @@ impl<'a> TrainView<'a> {
             model,
             masks: RefCell::new(None),
             frozen: None,
+            compute: None,
         }
     }
 
@@ -108,6 +110,34 @@ impl<'a> TrainView<'a> {
     }
 
     /// The model seen through this view.
+    /// Mixed precision: the convs and fc layers compute in `dtype` (bf16 for `--precision
+    /// bf16`) from casts of the weights, whose gradients come back to them in their own dtype
+    /// (f32 master weights, updated in f32); pooling, LRN, dropout's scale and the logits (and
+    /// so the loss) stay in the weights' dtype. bf16 has f32's exponent range, so no loss scaling
+    /// is needed; f16 (which would need it) is for tests. Evaluation (`train == false`) is
+    /// unaffected.
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, ModuleT, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// use candle_zoo::models::alexnet::{AlexNet, Config, Layout};
+    ///
+    /// let vm = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    /// let config = Config::for_layout(Layout::TorchVision).with_widths([8, 8, 8, 8, 8], 16).with_classes(3);
+    /// let model = AlexNet::new(&config, vb)?;
+    /// let x = Tensor::randn(0f32, 1., (2, 3, 224, 224), &Device::Cpu)?;
+    /// let logits = model.train_view().with_compute_dtype(DType::F16).forward_t(&x, true)?;
+    /// assert_eq!(logits.dtype(), DType::F32); // the loss is computed in f32
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn with_compute_dtype(self, dtype: DType) -> Self {
+        Self {
+            compute: Some(dtype),
+            ..self
+        }
+    }
+
     pub fn model(&self) -> &'a AlexNet {
         self.model
     }
@@ -135,6 +165,7 @@ impl ModuleT for TrainView<'_> {
         let mode = Mode::Train {
             masks,
             frozen: self.frozen,
+            compute: self.compute,
         };
         Ok(self.model.run(x, Tap::Fc8, mode, |_, _| {})?)
     }

@@ -21,36 +21,9 @@ FEATURES="${GPU_FEATURES:-cudnn,nccl}"
 if [ "${1:-}" = "--build" ]; then
     set -e
     eval "$(bash .ci/cuda-toolchain.sh)"
-    # The libraries a dynamically linked CUDA build links against, as the GPU machine has them.
-    LIBS="${CANDLE_ZOO_CUDA_LIBS:-$HOME/.cache/candle-zoo/cuda-libs-13}"
-    if [ ! -d "$LIBS/nvidia" ]; then
-        python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-            --no-deps --target "$LIBS.partial" nvidia-cublas nvidia-curand nvidia-cuda-nvrtc \
-            nvidia-cudnn-cu13 nvidia-nccl-cu13 >&2
-        mv "$LIBS.partial" "$LIBS"
-    fi
-    for lib in "$LIBS"/nvidia/*/lib "$LIBS"/nvidia/cu13/lib "$CUDA_ROOT/lib"; do
-        [ -d "$lib" ] || continue
-        # Unversioned names for the linker, beside the wheels' versioned files.
-        for so in "$lib"/*.so.*; do
-            [ -e "$so" ] || continue
-            base="${so%%.so.*}.so"
-            [ -e "$base" ] || ln -s "$(basename "$so")" "$base"
-        done
-        export RUSTFLAGS="${RUSTFLAGS:-} -L $lib"
-        export CPATH="${CPATH:-}:${lib%/lib}/include"
-    done
-    # The driver library (libcuda) comes with the GPU's driver, not with a wheel: link against a
-    # stub with its soname and the driver API's symbols (as NVIDIA's toolkit stubs do); the GPU
-    # machine's driver provides the real one at run time.
-    if [ ! -e "$LIBS/stubs/libcuda.so" ]; then
-        mkdir -p "$LIBS/stubs"
-        sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | tail -1)
-        grep -oE '^pub unsafe fn cu[A-Za-z0-9_]+' "$sys" | sort -u | sed 's/^pub unsafe fn \(.*\)/void \1(void) {}/' \
-            > "$LIBS/stubs/cuda_stub.c"
-        cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$LIBS/stubs/libcuda.so" "$LIBS/stubs/cuda_stub.c"
-    fi
-    export RUSTFLAGS="${RUSTFLAGS:-} -L $LIBS/stubs"
+    # The libraries a dynamically linked CUDA build links against, as the GPU machine has them,
+    # and a stub of the driver's.
+    eval "$(bash .ci/cuda-libs.sh)"
     export CARGO_TARGET_DIR="${CANDLE_ZOO_CUDA_TARGET:-$HOME/.cache/candle-zoo/target-cuda}"
     cargo build --release --features "$FEATURES" --example speed --example extract-fc7 --example train
     bench=$(cargo bench --features "$FEATURES" --bench allreduce --no-run 2>&1 |

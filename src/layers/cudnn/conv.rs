@@ -687,3 +687,121 @@ impl CustomOp1 for BiasGrad {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A conv of AlexNet's: input, weight, padding, stride, groups, and the output the crate
+    /// computes for it.
+    fn conv(x: [i32; 4], w: [i32; 4], padding: i32, stride: i32, groups: i32, y: [i32; 4]) -> Conv {
+        Conv {
+            x,
+            w,
+            y,
+            params: ConvParams {
+                padding,
+                stride,
+                dilation: 1,
+                groups,
+                tf32: true,
+            },
+            relu: true,
+        }
+    }
+
+    /// With the real cuDNN library, which sets up descriptors without a GPU: every conv of
+    /// both layouts (the two-tower model's grouped ones too) is accepted in f32 (TF32 on and
+    /// off), f16 and bf16, cuDNN's output sizes are the crate's, and a disagreement is an error
+    /// naming both.
+    #[test]
+    fn alexnets_convs_have_the_crates_sizes_in_cudnn() {
+        let n = 256;
+        let layers = [
+            // torchvision
+            conv([n, 3, 224, 224], [64, 3, 11, 11], 2, 4, 1, [n, 64, 55, 55]),
+            conv([n, 64, 27, 27], [192, 64, 5, 5], 2, 1, 1, [n, 192, 27, 27]),
+            conv(
+                [n, 192, 13, 13],
+                [384, 192, 3, 3],
+                1,
+                1,
+                1,
+                [n, 384, 13, 13],
+            ),
+            conv(
+                [n, 384, 13, 13],
+                [256, 384, 3, 3],
+                1,
+                1,
+                1,
+                [n, 256, 13, 13],
+            ),
+            conv(
+                [n, 256, 13, 13],
+                [256, 256, 3, 3],
+                1,
+                1,
+                1,
+                [n, 256, 13, 13],
+            ),
+            // bvlc_alexnet and CaffeNet
+            conv([n, 3, 227, 227], [96, 3, 11, 11], 0, 4, 1, [n, 96, 55, 55]),
+            conv([n, 96, 27, 27], [256, 48, 5, 5], 2, 1, 2, [n, 256, 27, 27]),
+            conv(
+                [n, 256, 13, 13],
+                [384, 256, 3, 3],
+                1,
+                1,
+                1,
+                [n, 384, 13, 13],
+            ),
+            conv(
+                [n, 384, 13, 13],
+                [384, 192, 3, 3],
+                1,
+                1,
+                2,
+                [n, 384, 13, 13],
+            ),
+            conv(
+                [n, 384, 13, 13],
+                [256, 192, 3, 3],
+                1,
+                1,
+                2,
+                [n, 256, 13, 13],
+            ),
+        ];
+        for layer in layers {
+            for (dtype, tf32) in [
+                (DType::F32, true),
+                (DType::F32, false),
+                (DType::F16, true),
+                (DType::BF16, true),
+            ] {
+                let layer = Conv {
+                    params: ConvParams {
+                        tf32,
+                        ..layer.params
+                    },
+                    ..layer
+                };
+                if let Err(e) = layer.descs(dtype) {
+                    panic!("{layer:?} in {dtype:?}: {e}");
+                }
+            }
+        }
+        let mut wrong = layers[0];
+        wrong.y[2] = 56;
+        let err = wrong
+            .descs(DType::F32)
+            .err()
+            .expect("a wrong size")
+            .to_string();
+        assert!(
+            err.contains("[256, 64, 55, 55]") && err.contains("[256, 64, 56, 55]"),
+            "{err}"
+        );
+    }
+}

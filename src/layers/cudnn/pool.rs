@@ -3,7 +3,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::sys;
 use candle_core::cuda_backend::CudaStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use super::desc::{PoolDesc, TensorDesc};
 use super::handle::{check, handle, not_on_cpu, run, scalar, shape, ONE, ZERO};
@@ -88,7 +88,7 @@ struct Pool {
 
 impl Pool {
     /// The pooling and tensor descriptors, checked: cuDNN's output size must be the caller's.
-    fn descs(&self, dtype: candle_core::DType) -> Result<(PoolDesc, TensorDesc, TensorDesc)> {
+    fn descs(&self, dtype: DType) -> Result<(PoolDesc, TensorDesc, TensorDesc)> {
         let pd = PoolDesc::new(self.max, self.kernel, self.stride)?;
         let xd = TensorDesc::nchw(dtype, self.x, self.op)?;
         let yd = TensorDesc::nchw(dtype, self.y, self.op)?;
@@ -227,5 +227,46 @@ impl CustomOp3 for PoolGrad {
                 "cudnnPoolingBackward",
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::cudnn::desc::{ActDesc, LrnDesc};
+
+    /// With the real cuDNN library (no GPU needed for descriptors): AlexNet's 3x3/2 max pools
+    /// and a whole-bin average pool have the crate's output sizes in cuDNN, in f32 and f16, a
+    /// disagreement is an error, and the LRN and activation settings are accepted.
+    #[test]
+    fn alexnets_pools_have_the_crates_sizes_in_cudnn() {
+        let pool = |x: [i32; 4], max: bool, k: i32, y: [i32; 4]| Pool {
+            op: "test pool",
+            max,
+            kernel: [k, k],
+            stride: [if max { 2 } else { k }; 2],
+            x,
+            y,
+        };
+        for dtype in [DType::F32, DType::F16] {
+            for (side, out) in [(55, 27), (27, 13), (13, 6)] {
+                pool([8, 96, side, side], true, 3, [8, 96, out, out])
+                    .descs(dtype)
+                    .unwrap();
+            }
+            pool([8, 256, 12, 12], false, 2, [8, 256, 6, 6])
+                .descs(dtype)
+                .unwrap();
+        }
+        let err = pool([8, 96, 55, 55], true, 3, [8, 96, 28, 28])
+            .descs(DType::F32)
+            .err()
+            .expect("a wrong size")
+            .to_string();
+        assert!(err.contains("[8, 96, 27, 27]"), "{err}");
+        LrnDesc::new(5, 1e-4, 0.75, 1.0).unwrap();
+        LrnDesc::new(5, 1e-4, 0.75, 2.0).unwrap();
+        ActDesc::new(true).unwrap();
+        ActDesc::new(false).unwrap();
     }
 }

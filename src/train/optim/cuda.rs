@@ -188,3 +188,21 @@ impl InplaceOp3 for Kernel {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// NVRTC (a compiler: no GPU needed) builds both kernels, without fused multiply-adds, so
+    /// that they round as the CPU kernel does.
+    #[test]
+    fn the_update_kernels_compile_without_fma() {
+        let ptx = super::ptx().unwrap();
+        for kernel in ["sgd_momentum_f32", "sgd_param_f32"] {
+            assert!(
+                ptx.contains(&format!(".entry {kernel}(")),
+                "{kernel} missing"
+            );
+        }
+        assert!(!ptx.contains("fma."), "the PTX contracts multiply-adds");
+        assert!(ptx.contains("mul.rn.f32") && ptx.contains("add.rn.f32"));
+    }
+}

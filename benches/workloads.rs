@@ -150,11 +150,11 @@ impl TrainStep {
 
     /// Forward with dropout, cross-entropy, backward, SGD update.
     pub fn step(&mut self) -> Result<()> {
-        let view = self.model.train_view().with_rng(&mut self.rng);
-        let view = match self.compute {
-            Some(dtype) => view.with_compute_dtype(dtype),
-            None => view,
-        };
+        let view = self
+            .model
+            .train_view()
+            .with_rng(&mut self.rng)
+            .with_compute_dtype(self.compute);
         let logits = view.forward_t(&self.x, true)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &self.y)?;
         self.sgd.backward_step(&loss)

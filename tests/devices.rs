@@ -267,11 +267,7 @@ fn a_bf16_training_step_stays_close_to_f32() -> anyhow::Result<()> {
         let labels = Tensor::new(&[1u32, 7, 3, 9, 2, 0, 5, 4], &gpu)?;
         let mut runs = Vec::new();
         for compute in [None, Some(DType::BF16)] {
-            let view = model.train_view();
-            let view = match compute {
-                Some(d) => view.with_compute_dtype(d),
-                None => view,
-            };
+            let view = model.train_view().with_compute_dtype(compute);
             let logits = candle_core::ModuleT::forward_t(&view, &x, true)?;
             assert_eq!(logits.dtype(), DType::F32);
             let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;

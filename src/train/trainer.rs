@@ -539,12 +539,9 @@ impl Trainer {
                 .model
                 .train_view()
                 .with_sample_masks(cfg.seed, epoch as u64, &batch.indices)
-                .freeze_through(cfg.policy.freeze_through);
-            let logits = match cfg.precision.compute_dtype() {
-                Some(dtype) => logits.with_compute_dtype(dtype),
-                None => logits,
-            }
-            .forward_t(&x, true)?;
+                .freeze_through(cfg.policy.freeze_through)
+                .with_compute_dtype(cfg.precision.compute_dtype())
+                .forward_t(&x, true)?;
             let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
             grads = Some(loss.backward()?);
             let (top1, top5) = hits(&logits, &batch.labels)?;

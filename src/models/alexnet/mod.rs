@@ -567,11 +567,7 @@ mod tests {
             let labels = Tensor::new(&[1u32, 3], &dev)?;
             let mut runs = Vec::new();
             for compute in [None, Some(DType::F64)] {
-                let view = model.train_view();
-                let view = match compute {
-                    Some(d) => view.with_compute_dtype(d),
-                    None => view,
-                };
+                let view = model.train_view().with_compute_dtype(compute);
                 let logits = view.forward_t(&x, true)?;
                 assert_eq!(logits.dtype(), DType::F32);
                 let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;

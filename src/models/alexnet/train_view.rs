@@ -115,7 +115,8 @@ impl<'a> TrainView<'a> {
     /// (f32 master weights, updated in f32); pooling, LRN, dropout's scale and the logits (and
     /// so the loss) stay in the weights' dtype. bf16 has f32's exponent range, so no loss scaling
     /// is needed; f16 (which would need it) is for tests. Evaluation (`train == false`) is
-    /// unaffected.
+    /// unaffected. `None` (what [`Precision::compute_dtype`](crate::train::Precision::compute_dtype)
+    /// gives for f32) computes in the weights' dtype, as without this call.
     ///
     /// ```
     /// use candle_core::{DType, Device, ModuleT, Tensor};
@@ -131,9 +132,9 @@ impl<'a> TrainView<'a> {
     /// assert_eq!(logits.dtype(), DType::F32); // the loss is computed in f32
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn with_compute_dtype(self, dtype: DType) -> Self {
+    pub fn with_compute_dtype(self, dtype: impl Into<Option<DType>>) -> Self {
         Self {
-            compute: Some(dtype),
+            compute: dtype.into(),
             ..self
         }
     }

@@ -1,12 +1,12 @@
 //! Decode, resize and crop per image on one core: what `extract-fc7`'s workers do per image.
 //!
 //! ```text
-//! cargo bench --bench decode -- DIR [ROUNDS]     # every .jpg in DIR, fastest of ROUNDS rounds
+//! cargo bench --bench decode -- DIR [ROUNDS] [MODE]   # every .jpg in DIR, fastest of ROUNDS rounds
 //! ```
-//! Prints one JSON line per decode mode (the full decode, and the DCT-scaled decode that is the
-//! default): wall and CPU milliseconds per image. CPU time counts every thread of the process:
-//! work handed to other threads costs a busy machine's cores that time. `benches/decode_vs_pil.py` runs it beside PIL +
-//! torchvision's transforms on the same files.
+//! Prints one JSON line per decode mode (`full`, and `dct-scaled`, the default; MODE picks one,
+//! for a profiler): wall and CPU milliseconds per image. CPU time counts every thread of the
+//! process: work handed to other threads costs a busy machine's cores that time.
+//! `benches/decode_vs_pil.py` runs it beside PIL + torchvision's transforms on the same files.
 
 use std::time::Instant;
 
@@ -17,8 +17,10 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let dir = args.first().expect("usage: decode DIR [ROUNDS]");
+    let dir = args.first().expect("usage: decode DIR [ROUNDS] [MODE]");
     let rounds: usize = args.get(1).map_or(3, |r| r.parse().expect("ROUNDS"));
+    // One mode only (`full` or `dct-scaled`), for a profiler.
+    let only = args.get(2);
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .expect("DIR")
         .map(|e| e.unwrap().path())
@@ -26,6 +28,10 @@ fn main() {
         .collect();
     files.sort();
     for dct_scaling in [false, true] {
+        let mode = if dct_scaling { "dct-scaled" } else { "full" };
+        if only.is_some_and(|m| m != mode) {
+            continue;
+        }
         let p = Preprocess {
             dct_scaling,
             ..Preprocess::torchvision()
@@ -42,7 +48,7 @@ fn main() {
         }
         println!(
             "{{\"mode\": \"{}\", \"images\": {}, \"ms_per_image\": {:.3}, \"cpu_ms_per_image\": {:.3}}}",
-            if dct_scaling { "dct-scaled" } else { "full" },
+            mode,
             files.len(),
             wall * 1e3,
             cpu * 1e3

@@ -14,8 +14,8 @@ Per set it prints ms/image of torchvision's `Resize(256)`, `CenterCrop(224)`, `T
 `Normalize` on `PIL.Image.open(f).convert("RGB")`; the same with PIL's `draft()` (its DCT-scaled
 decode); and `cargo bench --bench decode`'s two modes: the crate's full decode and its default
 DCT-scaled decode. Fastest of --rounds rounds. Each side runs one image at a time; the CPU time
-counts every thread (jpeg-decoder runs its IDCT rows on rayon's pool), so images/s per core is
-1000 / CPU ms.
+counts every thread (the crate's fallback for progressive JPEGs, jpeg-decoder, runs its IDCT rows
+on rayon's pool), so images/s per core is 1000 / CPU ms.
 """
 
 import argparse

@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`collect_images`] (`inputs.rs`) | files, folders searched recursively, and `@lists` of paths |
 //! | [`preprocess`] | image loading and the torchvision and Caffe input pipelines |
+//! | `jpeg` (private) | the DCT-scaled decoder of baseline JPEGs that [`preprocess`] uses for large photos |
 //! | [`BatchLoader`] (`loader.rs`) | decoding batches on worker threads while the model runs, in input order |
 //! | [`augment`] | the paper's random crops, mirrors and PCA lighting; ten-crop testing |
 //! | [`dataset`] | labelled image folders (torchvision's `ImageFolder`) and their training loader |
@@ -28,6 +29,7 @@ pub mod dataset;
 pub mod features;
 pub mod imagenet;
 mod inputs;
+mod jpeg;
 mod loader;
 pub mod preprocess;
 

@@ -66,10 +66,15 @@ impl<'a> Jpeg<'a> {
                 i += 1;
             }
             let marker = bytes[i];
-            if matches!(marker, 0xD0..=0xD8 | 0x01) {
+            match marker {
+                // The end of the image before any scan.
+                0xD9 => return None,
                 // Markers without a segment.
-                i += 1;
-                continue;
+                0xD0..=0xD8 | 0x01 => {
+                    i += 1;
+                    continue;
+                }
+                _ => {}
             }
             let len = u16::from_be_bytes([*bytes.get(i + 1)?, *bytes.get(i + 2)?]) as usize;
             let segment = bytes.get(i + 3..i + 1 + len)?;
@@ -91,7 +96,6 @@ impl<'a> Jpeg<'a> {
                     jpeg.data = &bytes[i..];
                     return Some(jpeg);
                 }
-                0xD9 => return None,
                 _ => {}
             }
         }
@@ -109,7 +113,7 @@ impl<'a> Jpeg<'a> {
                 id: c[0],
                 h: (c[1] >> 4) as usize,
                 v: (c[1] & 15) as usize,
-                quant: (c[2] as usize).min(4),
+                quant: c[2] as usize,
                 dc: 0,
                 ac: 0,
             });
@@ -200,11 +204,11 @@ impl<'a> Jpeg<'a> {
         let (w, h) = (self.width.div_ceil(denom), self.height.div_ceil(denom));
         let rgb = match planes.as_slice() {
             [y] => pixels::grey_to_rgb(y, w as usize, h as usize),
+            [y, cb, cr] if (hmax, vmax) == (1, 1) => {
+                pixels::ycbcr_to_rgb(y, cb, cr, w as usize, h as usize)
+            }
             [y, cb, cr] => {
-                let (cb, cr) = (
-                    pixels::upsample(cb, hmax, vmax),
-                    pixels::upsample(cr, hmax, vmax),
-                );
+                let (cb, cr) = (pixels::upsample(cb, vmax), pixels::upsample(cr, vmax));
                 pixels::ycbcr_to_rgb(y, &cb, &cr, w as usize, h as usize)
             }
             _ => return None,

@@ -107,18 +107,10 @@ fn double_row(row: &[u16], out: &mut [u16]) {
     }
 }
 
-/// Chroma at the luma plane's size: as it is (4:4:4), doubled across (4:2:2) or both ways
-/// (4:2:0) by libjpeg's fancy upsampling, rounding as it does. `h` and `v` are the luma
-/// sampling factors (1 or 2).
-pub(super) fn upsample(chroma: &Plane, h: usize, v: usize) -> Plane {
+/// Chroma doubled across (4:2:2, `v` = 1) or both ways (4:2:0, `v` = 2) to the luma plane's
+/// size, by libjpeg's fancy upsampling, rounding as it does.
+pub(super) fn upsample(chroma: &Plane, v: usize) -> Plane {
     let (w, ch) = (chroma.width, chroma.height);
-    if (h, v) == (1, 1) {
-        return Plane {
-            width: w,
-            height: ch,
-            samples: chroma.samples.clone(),
-        };
-    }
     let mut out = Plane::new(w * 2, ch * v);
     let mut column = vec![0u16; w];
     let mut doubled = vec![0u16; 2 * w];
@@ -245,14 +237,14 @@ mod tests {
     fn fancy_upsampling_weighs_three_to_one() {
         let mut chroma = Plane::new(2, 2);
         chroma.samples = vec![0, 160, 0, 160];
-        let across = upsample(&chroma, 2, 1);
+        let across = upsample(&chroma, 1);
         assert_eq!(&across.samples[..4], &[0, 40, 120, 160]);
-        let both = upsample(&chroma, 2, 2);
+        let both = upsample(&chroma, 2);
         assert_eq!((both.width, both.height), (4, 4));
         for row in both.samples.chunks(4) {
             assert_eq!(row, &[0, 40, 120, 160]);
         }
         chroma.samples = vec![80; 4];
-        assert!(upsample(&chroma, 2, 2).samples.iter().all(|&s| s == 80));
+        assert!(upsample(&chroma, 2).samples.iter().all(|&s| s == 80));
     }
 }
